@@ -1,0 +1,271 @@
+"""Render every production file of the stack, and validate a rendered tree.
+
+``render_tree(settings)`` is pure: it returns ``{relative_path: bytes}`` for
+every file under ``templates/`` (rendered with Jinja2, StrictUndefined) and
+``files/`` (copied as they are). Paths are relative to the stack root on the
+server (``settings.root``).
+
+``validate_tree(dir, settings)`` runs whichever real validators are installed
+(nginx, gixy, promtool, docker compose, systemd-analyze) and reports each as
+passed, failed (with its output) or skipped (with the reason).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+
+from .config import PROJECT_ROOT, Settings
+from .errors import OpsError
+
+TEMPLATES_DIR = PROJECT_ROOT / "templates"
+FILES_DIR = PROJECT_ROOT / "files"
+
+# Files that hold no secret but must not be world-readable on the server.
+MODES = {".env.production.example": 0o644}
+
+COMPOSE_FILE = "docker/docker-compose.prod.yml"
+NGINX_CONF = "docker/nginx/nginx.conf"
+PROMETHEUS_CONF = "monitoring/prometheus/prometheus.yml"
+ALERTS = "monitoring/prometheus/alerts.yml"
+UNIT = "systemd/maicivy.service"
+ENV_EXAMPLE = ".env.production.example"
+DASHBOARD = "monitoring/grafana/dashboards/maicivy_overview.json"
+
+
+def _environment() -> jinja2.Environment:
+    if not TEMPLATES_DIR.is_dir():
+        raise OpsError(f"templates not found at {TEMPLATES_DIR}; reinstall maicivy-ops")
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(TEMPLATES_DIR)),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+    return env
+
+
+def _walk(top: Path) -> list[str]:
+    return sorted(
+        str(p.relative_to(top)) for p in top.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+    )
+
+
+def render_tree(settings: Settings) -> dict[str, bytes]:
+    """Every file of the stack for these settings: ``{relative path: content}``."""
+    env = _environment()
+    context = dict(settings)
+    context["image"] = settings.image
+    out: dict[str, bytes] = {}
+    for rel in _walk(TEMPLATES_DIR):
+        try:
+            text = env.get_template(rel).render(context)
+        except jinja2.UndefinedError as exc:
+            raise OpsError(f"template {rel}: {exc.message}; this is a bug in maicivy-ops") from exc
+        out[rel] = text.encode()
+    for rel in _walk(FILES_DIR):
+        if rel in out:
+            raise OpsError(f"{rel} exists both in templates/ and files/; keep one")
+        out[rel] = (FILES_DIR / rel).read_bytes()
+    return out
+
+
+def write_tree(files: dict[str, bytes], out_dir: Path) -> list[Path]:
+    """Write a rendered tree to a local directory; returns the paths written."""
+    written = []
+    for rel, data in sorted(files.items()):
+        path = out_dir / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        path.chmod(MODES.get(rel, 0o644))
+        written.append(path)
+    return written
+
+
+# --- validators ---------------------------------------------------------------
+
+
+@dataclass
+class Check:
+    name: str
+    status: str  # "passed", "failed", "skipped"
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status != "failed"
+
+
+def _run(argv: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120, **kw)
+
+
+def _result(name: str, proc: subprocess.CompletedProcess) -> Check:
+    output = (proc.stdout + proc.stderr).strip()
+    return Check(name, "passed" if proc.returncode == 0 else "failed", output)
+
+
+def _self_signed(cert_dir: Path, names: list[str]) -> None:
+    for name in names:
+        d = cert_dir / name
+        d.mkdir(parents=True, exist_ok=True)
+        proc = _run([
+            "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+            "-nodes", "-days", "1", "-subj", f"/CN={name}",
+            "-keyout", str(d / "privkey.pem"), "-out", str(d / "fullchain.pem"),
+        ])
+        if proc.returncode:
+            raise OpsError(f"openssl could not make a test certificate: {proc.stderr.strip()}")
+
+
+_NGINX_SANDBOX = r"""
+set -e
+mount --bind "$SANDBOX/etc-nginx" /etc/nginx
+mount --bind "$SANDBOX/hosts" /etc/hosts
+exec nginx -t -c /etc/nginx/nginx.conf
+"""
+
+
+def check_nginx(tree: Path, settings: Settings) -> Check:
+    """``nginx -t`` on the rendered file, byte for byte, in a private mount namespace.
+
+    The config names container paths (/etc/nginx/certs/..., upstream host
+    names backend/frontend/grafana): we bind a sandbox over /etc/nginx (the
+    rendered nginx.conf, mime.types, ffdhe2048.pem, throw-away certificates) and
+    over /etc/hosts, in a mount namespace of our own, so the host is untouched.
+    """
+    nginx, unshare = shutil.which("nginx") or _sbin("nginx"), shutil.which("unshare")
+    if not nginx:
+        return Check("nginx -t", "skipped", "nginx is not installed")
+    if not unshare:
+        return Check("nginx -t", "skipped", "unshare (util-linux) is not installed")
+    mime = Path("/etc/nginx/mime.types")
+    if not mime.is_file():
+        return Check("nginx -t", "skipped", "/etc/nginx/mime.types is missing")
+    with tempfile.TemporaryDirectory(prefix="maicivy-nginx-") as sandbox:
+        etc = Path(sandbox) / "etc-nginx"
+        etc.mkdir()
+        shutil.copy(tree / NGINX_CONF, etc / "nginx.conf")
+        shutil.copy(tree / "docker/nginx/ffdhe2048.pem", etc / "ffdhe2048.pem")
+        shutil.copy(mime, etc / "mime.types")
+        names = [settings.domain, settings.grafana_domain]
+        _self_signed(etc / "certs", names)
+        (Path(sandbox) / "hosts").write_text(
+            "127.0.0.1 localhost backend frontend grafana\n"
+        )
+        os.chmod(sandbox, 0o755)
+        flags = ["--mount"] if os.geteuid() == 0 else ["--mount", "--map-root-user"]
+        proc = _run(
+            [unshare, *flags, "sh", "-c", _NGINX_SANDBOX],
+            env={**os.environ, "SANDBOX": sandbox, "PATH": os.environ.get("PATH", "")
+                 + ":/usr/sbin:/sbin"},
+        )
+        if proc.returncode and "mount" in proc.stderr and "nginx:" not in proc.stderr:
+            return Check("nginx -t", "skipped", f"cannot make a mount namespace: "
+                         f"{proc.stderr.strip()}")
+        return _result("nginx -t", proc)
+
+
+def _sbin(name: str) -> str | None:
+    for d in ("/usr/sbin", "/sbin"):
+        if os.access(f"{d}/{name}", os.X_OK):
+            return f"{d}/{name}"
+    return None
+
+
+def check_gixy(tree: Path) -> Check:
+    gixy = shutil.which("gixy")
+    if not gixy:
+        return Check("gixy", "skipped", "gixy (pip install gixy-ng) is not installed")
+    return _result("gixy", _run([gixy, str(tree / NGINX_CONF)]))
+
+
+def check_promtool(tree: Path) -> list[Check]:
+    promtool = shutil.which("promtool")
+    if not promtool:
+        reason = "promtool (Debian package prometheus) is not installed"
+        return [Check("promtool check config", "skipped", reason),
+                Check("promtool check rules", "skipped", reason)]
+    return [
+        _result("promtool check config",
+                _run([promtool, "check", "config", str(tree / PROMETHEUS_CONF)])),
+        _result("promtool check rules", _run([promtool, "check", "rules", str(tree / ALERTS)])),
+    ]
+
+
+def check_compose(tree: Path) -> Check:
+    docker = shutil.which("docker")
+    if not docker or _run([docker, "compose", "version"]).returncode:
+        return Check("docker compose config", "skipped", "docker compose v2 is not installed")
+    proc = _run([docker, "compose", "--env-file", str(tree / ENV_EXAMPLE),
+                 "-f", str(tree / COMPOSE_FILE), "config", "--quiet"])
+    return _result("docker compose config", proc)
+
+
+def check_unit(tree: Path) -> Check:
+    analyze = shutil.which("systemd-analyze")
+    if not analyze:
+        return Check("systemd-analyze verify", "skipped", "systemd-analyze is not installed")
+    proc = _run([analyze, "verify", str(tree / UNIT)])
+    # systemd-analyze also complains about unrelated units on the machine;
+    # only lines about our unit count.
+    ours = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "maicivy.service" in ln]
+    status = "failed" if proc.returncode or ours else "passed"
+    return Check("systemd-analyze verify", status, "\n".join(ours))
+
+
+def validate_tree(tree: Path, settings: Settings) -> list[Check]:
+    """Run every available validator on a rendered tree."""
+    return [
+        check_nginx(tree, settings),
+        check_gixy(tree),
+        *check_promtool(tree),
+        check_compose(tree),
+        check_unit(tree),
+    ]
+
+
+# --- the task -----------------------------------------------------------------
+
+from .core import ops_task, settings_for  # noqa: E402
+
+
+@ops_task(help={
+    "out": "directory to write the rendered tree into (default: build/)",
+    "validate": "run the installed validators on what was written (default: yes)",
+})
+def render(c, out="build", validate=True):
+    """Render every production file for the current settings and validate them.
+
+    Writes the whole tree (nginx.conf, docker-compose.prod.yml, Prometheus and
+    Grafana provisioning, the systemd unit, .env.production.example) under
+    OUT, laid out as under the stack root on the server, then checks it with
+    nginx -t, gixy, promtool, docker compose config and systemd-analyze
+    verify -- each one that is installed; the others are listed as skipped.
+    Exits 1 if a validator rejects a file. Needs no server.
+    """
+    settings = settings_for(c)
+    out_dir = Path(out).expanduser().resolve()
+    files = render_tree(settings)
+    for path in write_tree(files, out_dir):
+        print(f"wrote {path}")
+    if not validate:
+        return
+    checks = validate_tree(out_dir, settings)
+    for check in checks:
+        line = f"{check.status:>7}  {check.name}"
+        if check.status == "skipped":
+            line += f" ({check.detail})"
+        print(line)
+        if check.status == "failed":
+            for detail in check.detail.splitlines()[-20:]:
+                print(f"         {detail}")
+    failed = [ch.name for ch in checks if ch.status == "failed"]
+    if failed:
+        raise OpsError(f"validation failed: {', '.join(failed)} (see above)")

@@ -1,0 +1,3 @@
+"""Entry point for ``inv``: the same task collection ``fab`` loads from fabfile/."""
+
+from fabfile import ns  # noqa: F401
