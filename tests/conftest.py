@@ -1,0 +1,155 @@
+"""Shared fixtures: a real OpenSSH server on 127.0.0.1, the Docker rig, settings.
+
+The rig tier (``-m rig``) needs what .ci/run installs and starts: sshd from
+openssh-server, a Docker engine with Compose v2, the local registry on
+127.0.0.1:5000 with the test images (tests/rig/setup-docker.sh).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+@dataclass
+class SSHHost:
+    """A throw-away sshd on 127.0.0.1 that fabric connects to for real."""
+
+    host: str
+    port: int
+    user: str
+    client_key: Path
+    known_hosts: Path
+    host_pubkey: str
+    workdir: Path
+
+    def connection(self, settings: dict | None = None, known_hosts: Path | None = None):
+        """A fabric Connection whose ``maicivy`` config is ``settings``."""
+        from fabric import Config, Connection
+
+        overrides = {"maicivy": dict(settings or {})}
+        overrides["maicivy"].setdefault("known_hosts", [])
+        overrides["maicivy"]["known_hosts"] = [
+            *overrides["maicivy"]["known_hosts"],
+            str(known_hosts or self.known_hosts),
+        ]
+        config = Config(overrides=overrides)
+        return Connection(
+            self.host,
+            user=self.user,
+            port=self.port,
+            config=config,
+            connect_kwargs={
+                "key_filename": str(self.client_key),
+                "look_for_keys": False,
+                "allow_agent": False,
+            },
+        )
+
+    def fab_argv(self) -> list[str]:
+        """argv prefix to run the real ``fab`` CLI against this host."""
+        return [
+            "fab",
+            "-r", str(ROOT),
+            "-H", f"{self.user}@{self.host}:{self.port}",
+            "-i", str(self.client_key),
+        ]
+
+
+def _sshd_binary() -> str:
+    path = shutil.which("sshd") or "/usr/sbin/sshd"
+    if not os.access(path, os.X_OK):
+        pytest.fail("sshd not found: apt-get install openssh-server (.ci/run does this)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def ssh_host(tmp_path_factory) -> SSHHost:
+    """Start sshd on 127.0.0.1 with throw-away keys; yields an SSHHost."""
+    work = tmp_path_factory.mktemp("sshd")
+    os.chmod(work, 0o755)
+    host_key = work / "ssh_host_ed25519_key"
+    client_key = work / "client_ed25519"
+    for key in (host_key, client_key):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)],
+                       check=True)
+    authorized = work / "authorized_keys"
+    authorized.write_text(client_key.with_suffix(".pub").read_text())
+    authorized.chmod(0o600)
+    port = free_port()
+    config = work / "sshd_config"
+    config.write_text(
+        "\n".join(
+            [
+                f"Port {port}",
+                "ListenAddress 127.0.0.1",
+                f"HostKey {host_key}",
+                f"PidFile {work / 'sshd.pid'}",
+                f"AuthorizedKeysFile {authorized}",
+                "PasswordAuthentication no",
+                "KbdInteractiveAuthentication no",
+                "PermitRootLogin prohibit-password",
+                "StrictModes no",
+                "UsePAM no",
+                "MaxSessions 64",
+                "MaxStartups 64:30:128",
+                "AcceptEnv LANG LC_*",
+                "Subsystem sftp internal-sftp",
+                "",
+            ]
+        )
+    )
+    Path("/run/sshd").mkdir(exist_ok=True)
+    log = open(work / "sshd.log", "wb")
+    proc = subprocess.Popen([_sshd_binary(), "-D", "-e", "-f", str(config)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_port(port)
+    except RuntimeError:
+        proc.kill()
+        pytest.fail(f"sshd did not start: {(work / 'sshd.log').read_text()}")
+    host_pub = host_key.with_suffix(".pub").read_text().split()
+    known_hosts = work / "known_hosts"
+    known_hosts.write_text(f"[127.0.0.1]:{port} {host_pub[0]} {host_pub[1]}\n")
+    import pwd
+
+    yield SSHHost(
+        host="127.0.0.1",
+        port=port,
+        user=pwd.getpwuid(os.getuid()).pw_name,
+        client_key=client_key,
+        known_hosts=known_hosts,
+        host_pubkey=f"{host_pub[0]} {host_pub[1]}",
+        workdir=work,
+    )
+    proc.terminate()
+    proc.wait(timeout=10)
