@@ -43,6 +43,8 @@ SERVICES = (
     "node-exporter",
 )
 
+APP_IMAGES = ("backend", "frontend")
+
 DEFAULTS: dict[str, Any] = {
     # Public names. ``api_domain`` is optional: empty means the API is served
     # under the site domain (``/api/``, ``/ws/``).
@@ -52,8 +54,9 @@ DEFAULTS: dict[str, Any] = {
     # Where the stack lives on the server and how compose names it.
     "root": "/opt/maicivy",
     "compose_project": "maicivy",
-    # Prefix applied to every image reference below when not empty
-    # (e.g. ``registry.example.com`` or ``127.0.0.1:5000``).
+    # Registry of the application images (backend, frontend), prefixed to
+    # their references when not empty (e.g. ``ghcr.io/acme``). Third-party
+    # images are full references: point them at a mirror if you have one.
     "registry": "",
     "images": {
         "postgres": "postgres:15-alpine",
@@ -185,10 +188,11 @@ class Settings(dict):
         return value
 
     def image(self, service: str) -> str:
-        """Full image reference for a service, registry prefix applied."""
-        ref = self["images"][service.replace("-", "_")]
+        """Full image reference for a service (registry prefixed to app images)."""
+        key = service.replace("-", "_")
+        ref = self["images"][key]
         registry = self["registry"].rstrip("/")
-        return f"{registry}/{ref}" if registry else ref
+        return f"{registry}/{ref}" if registry and key in APP_IMAGES else ref
 
     @property
     def compose_file(self) -> str:

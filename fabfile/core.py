@@ -12,7 +12,6 @@ Tasks are declared with :func:`ops_task` instead of ``invoke.task``. It
 from __future__ import annotations
 
 import functools
-import socket
 import sys
 
 from invoke import Exit, task
@@ -55,7 +54,7 @@ def ops_task(*args, **kwargs):
                 return fn(c, *a, **kw)
             except OpsError as exc:
                 raise fail(str(exc), exc.exit_code) from None
-            except (socket.error, EOFError) as exc:
+            except (OSError, EOFError) as exc:
                 target = getattr(c, "host", "localhost")
                 raise fail(f"cannot reach {target}: {exc}", 3) from None
             except Exception as exc:

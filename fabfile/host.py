@@ -21,14 +21,13 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import secrets
 import shlex
 import sys
 import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from invoke import Context
 
 from .errors import HostKeyError, OpsError
 
@@ -226,7 +225,9 @@ class Host:
             sftp.chmod(tmp, mode)
             sftp.posix_rename(tmp, path)
         elif self.is_remote:
-            staging = f"/tmp/.maicivy-upload-{os.getpid()}-{hashlib.sha1(path.encode()).hexdigest()[:8]}"
+            # Unprivileged upload into the SSH user's home under an unguessable
+            # name, then a privileged install into place.
+            staging = f".maicivy-upload-{secrets.token_hex(8)}"
             self.c.put(io.BytesIO(data), staging)
             self._invoke(
                 f"install -m {mode:o} {shlex.quote(staging)} {shlex.quote(tmp)} && "

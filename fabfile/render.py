@@ -53,7 +53,9 @@ def _environment() -> jinja2.Environment:
 
 def _walk(top: Path) -> list[str]:
     return sorted(
-        str(p.relative_to(top)) for p in top.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+        str(p.relative_to(top))
+        for p in top.rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts
     )
 
 

@@ -76,7 +76,9 @@ def parse_env(text: str) -> dict[str, str]:
     return values
 
 
-def fill_env(example: str, current: str | None, token=secrets.token_urlsafe) -> tuple[str, list[str]]:
+def fill_env(
+    example: str, current: str | None, token=secrets.token_urlsafe
+) -> tuple[str, list[str]]:
     """The .env to write: ``current`` kept as is, plus what the example adds.
 
     Values already set are never changed. A generated secret that is missing or
