@@ -21,6 +21,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+# Tools installed in the virtualenv (inv, fab, gixy, ...) must be found by the
+# subprocesses tests start, even when pytest runs as .venv/bin/python -m pytest.
+os.environ["PATH"] = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"
 
 
 def free_port() -> int:
