@@ -12,9 +12,11 @@ Tasks are declared with :func:`ops_task` instead of ``invoke.task``. It
 from __future__ import annotations
 
 import functools
+import socket
 import sys
 
 from invoke import Exit, task
+from paramiko.ssh_exception import NoValidConnectionsError
 
 from .config import Settings, load_settings
 from .errors import OpsError
@@ -54,9 +56,11 @@ def ops_task(*args, **kwargs):
                 return fn(c, *a, **kw)
             except OpsError as exc:
                 raise fail(str(exc), exc.exit_code) from None
-            except (OSError, EOFError) as exc:
+            except (NoValidConnectionsError, socket.gaierror, TimeoutError,
+                    ConnectionError) as exc:
                 target = getattr(c, "host", "localhost")
-                raise fail(f"cannot reach {target}: {exc}", 3) from None
+                raise fail(f"cannot reach {target}: {exc}; check the host name, "
+                           "port and that sshd runs", 3) from None
             except Exception as exc:
                 target = getattr(c, "host", "localhost")
                 known = explain_ssh_error(exc, target)
