@@ -1,0 +1,522 @@
+"""Releases on the server: the pure half of ``deploy`` (no I/O here).
+
+Everything deploy keeps on the server lives under ``{root}/.deploy``::
+
+    lock                   flock(1) target; held by one long-lived SSH command
+    lock.owner             who holds it, since when (informational)
+    pre/files.tar          the managed files as they were before this deploy
+    releases/<id>/files.tar, images    one directory per successful deploy
+    current                id of the release that is live
+    deploy.log             one line per deploy / rollback
+
+A release's ``images`` file holds ``service ref image-id`` lines. Its image
+IDs are also tagged ``<project>-release/<service>:<id>`` so that
+``docker image prune`` keeps them until the release itself is pruned.
+
+The functions below build shell scripts and parse their output; ``deploy.py``
+runs them through :class:`~fabfile.host.Host`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from .config import SERVICES, Settings
+from .stack import compose
+
+# Services replaced with a second container beside the old one.
+ROLLING = ("backend", "frontend")
+# Exit status of the lock command when another deploy holds the lock.
+BUSY = 75
+_SECTION = re.compile(r"^== (\S+)(?: (.*))?$")
+_RELEASE_ID = re.compile(r"^[0-9]{8}T[0-9]{6}Z(-[0-9]+)?$")
+
+
+def state_dir(settings: Settings) -> str:
+    return f"{settings.root.rstrip('/')}/.deploy"
+
+
+def relative(settings: Settings, paths: Iterable[str]) -> list[str]:
+    """Paths under the stack root, relative to it (for tar -C root)."""
+    root = settings.root.rstrip("/") + "/"
+    return sorted(p[len(root):] for p in paths if p.startswith(root))
+
+
+def release_tag(settings: Settings, service: str, release: str) -> str:
+    """The tag that keeps a release's image from being pruned."""
+    return f"{settings.compose_project}-release/{service}:{release}"
+
+
+def image_refs(settings: Settings) -> dict[str, str]:
+    """{service: image reference} as the rendered compose file names them."""
+    return {s: settings.image(s) for s in SERVICES}
+
+
+# --- the deploy lock ------------------------------------------------------------
+
+
+def lock_script(settings: Settings, owner: str, managed: Iterable[str]) -> str:
+    """Take the deploy lock and report the server's state, then hold the lock.
+
+    The lock is an flock(1) held by this command's shell for as long as its
+    stdin stays open: when the deploy ends, or its SSH connection dies, stdin
+    closes and the lock is released -- a killed deploy leaves no stale lock.
+    Before blocking, it prints ``== locked``, a snapshot of the managed files
+    (``pre/files.tar``), their hashes, the current release and the names of
+    unset .env secrets, then ``== ready``. If the lock is held: ``== busy``
+    with the holder's line, exit 75.
+    """
+    d = shlex.quote(state_dir(settings))
+    root = shlex.quote(settings.root.rstrip("/"))
+    rels = relative(settings, managed)
+    quoted = " ".join(shlex.quote(r) for r in rels)
+    return "\n".join([
+        f"D={d}; R={root}",
+        'mkdir -p "$D/pre" && chmod 700 "$D" || exit 1',
+        'exec 9>>"$D/lock"',
+        "if ! flock -n 9; then",
+        f"  echo '== busy'; cat \"$D/lock.owner\" 2>/dev/null; exit {BUSY}",
+        "fi",
+        f"printf '%s pid %s\\n' {shlex.quote(owner)} \"$$\" > \"$D/lock.owner\"",
+        "echo '== locked'",
+        *_state_lines(settings, quoted, snapshot=True),
+        "echo '== ready'",
+        # Hold the lock until our stdin closes (end of deploy or lost connection).
+        "cat >/dev/null 9>&-",
+        'rm -f "$D/lock.owner"',
+    ])
+
+
+def probe_script(settings: Settings, managed: Iterable[str]) -> str:
+    """The same report as :func:`lock_script`, read-only (for --dry-run)."""
+    d = shlex.quote(state_dir(settings))
+    root = shlex.quote(settings.root.rstrip("/"))
+    quoted = " ".join(shlex.quote(r) for r in relative(settings, managed))
+    return "\n".join([
+        f"D={d}; R={root}",
+        'if [ -e "$D/lock" ] && ! flock -n "$D/lock" true; then',
+        "  echo '== busy'; cat \"$D/lock.owner\" 2>/dev/null",
+        "fi",
+        *_state_lines(settings, quoted, snapshot=False),
+        "echo '== ready'",
+    ])
+
+
+def _state_lines(settings: Settings, quoted_rels: str, snapshot: bool) -> list[str]:
+    env = shlex.quote(settings.env_file)
+    lines = []
+    if snapshot:
+        # Only the managed files that exist: tar fails on missing names.
+        lines += [
+            "cd \"$R\" 2>/dev/null && {",
+            f"  set -- ; for f in {quoted_rels}; do [ -f \"$f\" ] && set -- \"$@\" \"$f\"; done",
+            '  rm -f "$D/pre/files.tar"; tar cf "$D/pre/files.tar" -T /dev/null -- "$@" || exit 1',
+            "}",
+        ]
+    lines += [
+        "echo '== hashes'",
+        f"cd \"$R\" 2>/dev/null && for f in {quoted_rels}; do "
+        "[ -f \"$f\" ] && sha256sum -- \"$f\"; done",
+        "echo '== current'",
+        'cat "$D/current" 2>/dev/null',
+        "echo '== releases'",
+        'ls -1 "$D/releases" 2>/dev/null',
+        # Names (never values) of .env entries that are empty or CHANGE_ME.
+        "echo '== unset'",
+        f"[ -f {env} ] && sed -n -E 's/^(POSTGRES_PASSWORD|REDIS_PASSWORD|"
+        f"GF_SECURITY_ADMIN_PASSWORD|POSTGRES_USER|POSTGRES_DB)=(CHANGE_ME)?$/\\1/p' {env}",
+        f"[ -f {env} ] || echo '.env'",
+        "true",
+    ]
+    return lines
+
+
+def sections(text: str) -> dict[str, list[str]]:
+    """Split ``== name`` delimited output into {name: lines}."""
+    out: dict[str, list[str]] = {}
+    current = None
+    for line in text.splitlines():
+        m = _SECTION.match(line)
+        if m:
+            current = m.group(1)
+            out.setdefault(current, [])
+            if m.group(2):
+                out[current].append(m.group(2))
+            continue
+        if current is not None and line.strip():
+            out[current].append(line.rstrip("\n"))
+    return out
+
+
+@dataclass
+class ServerState:
+    """What the lock/probe command reported."""
+
+    busy: str | None = None  # holder line when another deploy holds the lock
+    hashes: dict[str, str] = field(default_factory=dict)  # rel path -> sha256
+    current: str = ""
+    releases: list[str] = field(default_factory=list)
+    unset: list[str] = field(default_factory=list)
+
+
+def parse_state(text: str) -> ServerState:
+    sec = sections(text)
+    state = ServerState()
+    if "busy" in sec:
+        state.busy = " ".join(sec["busy"]).strip() or "another deploy (owner unknown)"
+    for line in sec.get("hashes", []):
+        digest, _, name = line.partition("  ")
+        if name:
+            state.hashes[name] = digest
+    cur = sec.get("current", [])
+    state.current = cur[0].strip() if cur else ""
+    state.releases = sorted(r.strip() for r in sec.get("releases", [])
+                            if _RELEASE_ID.match(r.strip()))
+    state.unset = sorted(set(sec.get("unset", [])))
+    return state
+
+
+# --- the plan: what converging to the wanted state takes ------------------------
+
+
+_INSPECT = ("{{.Id}}|{{.Name}}|{{index .Config.Labels \"com.docker.compose.service\"}}|"
+            "{{index .Config.Labels \"com.docker.compose.config-hash\"}}|{{.Image}}|"
+            "{{.Config.Image}}|{{.State.Status}}|{{if .State.Health}}{{.State.Health.Status}}"
+            "{{end}}|{{.Created}}")
+
+
+def inspect_containers_cmd(settings: Settings) -> str:
+    """One line per container of the project (id|name|service|hash|image|ref|state|health)."""
+    label = shlex.quote(f"label=com.docker.compose.project={settings.compose_project}")
+    return (f"docker ps -aq --no-trunc --filter {label} | "
+            f"xargs -r docker inspect --format {shlex.quote(_INSPECT)}")
+
+
+def plan_script(settings: Settings, refs: Mapping[str, str], pull: bool) -> str:
+    """(Pull, then) report wanted config hashes, image IDs and the containers."""
+    lines = ["set -e"]
+    if pull:
+        lines.append(compose(settings, "pull", "--quiet"))
+    lines += [
+        "echo '== hashes'",
+        compose(settings, "config", "--hash", "*"),
+        "echo '== images'",
+    ]
+    for ref in sorted(set(refs.values())):
+        q = shlex.quote(ref)
+        lines.append(f"printf '%s %s\\n' {q} \"$(docker image inspect --format '{{{{.Id}}}}' "
+                     f"{q} 2>/dev/null || echo missing)\"")
+    lines += ["echo '== containers'", inspect_containers_cmd(settings)]
+    return "\n".join(lines)
+
+
+@dataclass
+class Container:
+    id: str
+    name: str
+    service: str
+    config_hash: str
+    image_id: str
+    ref: str
+    state: str
+    health: str
+    created: str = ""
+
+    @property
+    def running(self) -> bool:
+        return self.state == "running"
+
+    @property
+    def short(self) -> str:
+        return self.name.lstrip("/")
+
+
+def parse_containers(lines: Iterable[str]) -> list[Container]:
+    out = []
+    for line in lines:
+        parts = line.strip().split("|")
+        if len(parts) != 9:
+            continue
+        out.append(Container(*parts))
+    return out
+
+
+@dataclass
+class Plan:
+    """Which services need work to reach the wanted hashes and images."""
+
+    wanted_hash: dict[str, str]
+    wanted_image: dict[str, str]  # service -> image id (or "missing")
+    refs: dict[str, str]
+    containers: list[Container]
+    rolling: list[str] = field(default_factory=list)  # replace beside the old one
+    recreate: list[str] = field(default_factory=list)  # plain compose up
+
+    def of(self, service: str) -> list[Container]:
+        return [c for c in self.containers if c.service == service]
+
+    def is_current(self, c: Container) -> bool:
+        return (c.config_hash == self.wanted_hash.get(c.service)
+                and c.image_id == self.wanted_image.get(c.service) and c.running)
+
+    def good(self, service: str) -> list[Container]:
+        return [c for c in self.of(service) if self.is_current(c)]
+
+    def stale(self, service: str) -> list[Container]:
+        return [c for c in self.of(service) if not self.is_current(c)]
+
+    def ok(self, service: str) -> bool:
+        return len(self.of(service)) == 1 and len(self.good(service)) == 1
+
+    @property
+    def unchanged(self) -> bool:
+        return not self.rolling and not self.recreate
+
+    def running_images(self) -> dict[str, tuple[str, str]]:
+        """{service: (ref, image id)} of what runs now (the rollback target)."""
+        out: dict[str, tuple[str, str]] = {}
+        for c in sorted(self.containers, key=lambda c: c.created):
+            if c.running and c.service:
+                out.setdefault(c.service, (c.ref, c.image_id))
+        return out
+
+
+def parse_plan(text: str, refs: Mapping[str, str], nginx: str = "nginx") -> Plan:
+    sec = sections(text)
+    wanted_hash = {}
+    for line in sec.get("hashes", []):
+        name, _, digest = line.strip().partition(" ")
+        if digest:
+            wanted_hash[name] = digest.strip()
+    ids = {}
+    for line in sec.get("images", []):
+        ref, _, image_id = line.strip().rpartition(" ")
+        ids[ref] = image_id
+    wanted_image = {s: ids.get(r, "missing") for s, r in refs.items()}
+    plan = Plan(wanted_hash, wanted_image, dict(refs),
+                parse_containers(sec.get("containers", [])))
+    missing = sorted(s for s, i in wanted_image.items() if i == "missing")
+    if missing:
+        from .errors import OpsError
+
+        raise OpsError(f"image of {', '.join(missing)} is not on the server after the pull "
+                       f"({', '.join(refs[s] for s in missing)}); check the image names and "
+                       "the registry")
+    nginx_up = any(c.running for c in plan.of(nginx))
+    for service in SERVICES:
+        if plan.ok(service):
+            continue
+        # A rolling replace needs something serving now and nginx in front.
+        if service in ROLLING and nginx_up and any(c.running for c in plan.of(service)):
+            plan.rolling.append(service)
+        else:
+            plan.recreate.append(service)
+    return plan
+
+
+# --- converging -------------------------------------------------------------------
+
+
+def scale_up_cmd(settings: Settings, service: str, count: int, timeout: int) -> str:
+    """Start one more container of ``service`` (the new config) and wait for its health."""
+    return compose(settings, "up", "-d", "--no-deps", "--no-recreate", "--scale",
+                   f"{service}={count}", "--wait", "--wait-timeout", str(timeout), service)
+
+
+def nginx_reload_cmd(settings: Settings) -> str:
+    """Test nginx's config, then reload it (re-resolves the upstream names)."""
+    return (compose(settings, "exec", "-T", "nginx", "nginx", "-t", "-q") + " && "
+            + compose(settings, "exec", "-T", "nginx", "nginx", "-s", "reload"))
+
+
+def swap_cmd(settings: Settings, old: Iterable[Container], grace: int = 30) -> str:
+    """Let nginx see the new container, retire the old ones, then reload again.
+
+    nginx resolves ``backend`` at reload: first to old + new, so that requests
+    keep flowing while the old container stops (nginx retries the other
+    replica on errors: ``proxy_next_upstream``); then to the new one only.
+    """
+    ids = " ".join(shlex.quote(c.id) for c in old)
+    reload = nginx_reload_cmd(settings)
+    return (f"set -e; {reload}; sleep 1; docker stop -t {int(grace)} {ids} >/dev/null; "
+            f"docker rm -f {ids} >/dev/null; {reload}")
+
+
+def remove_cmd(old: Iterable[Container]) -> str:
+    ids = " ".join(shlex.quote(c.id) for c in old)
+    return f"docker rm -f {ids} >/dev/null"
+
+
+def up_cmd(settings: Settings, timeout: int) -> str:
+    return compose(settings, "up", "-d", "--remove-orphans", "--wait", "--wait-timeout",
+                   str(timeout))
+
+
+# Which service reads which managed files (bind mounts compose cannot see change).
+RELOADS = {
+    "nginx": ("docker/nginx/",),
+    "prometheus": ("monitoring/prometheus/",),
+    "grafana": ("monitoring/grafana/",),
+}
+
+
+def reloads_for(changed_rel: Iterable[str]) -> list[str]:
+    """Services to reload because a file they mount changed."""
+    changed = list(changed_rel)
+    return [svc for svc, prefixes in RELOADS.items()
+            if any(p.startswith(prefixes) for p in changed)]
+
+
+def reload_cmd(settings: Settings, service: str) -> str:
+    if service == "nginx":
+        return nginx_reload_cmd(settings)
+    if service == "prometheus":
+        return compose(settings, "kill", "-s", "HUP", "prometheus")
+    return compose(settings, "restart", service)
+
+
+# --- health gate -------------------------------------------------------------------
+
+
+def gate_script(settings: Settings) -> str:
+    """Compose health of every service, then HTTP status through nginx."""
+    addr = settings.publish.bind
+    if addr in ("0.0.0.0", "::", ""):
+        addr = "127.0.0.1"
+    port = settings.publish.https
+    domain = settings.domain
+    timeout = settings.health.timeout_seconds
+    lines = ["echo '== containers'", inspect_containers_cmd(settings), "echo '== http'"]
+    for path in (settings.health.backend_path, settings.health.backend_deep_path,
+                 settings.health.frontend_path):
+        url = f"https://{domain}:{port}{path}"
+        lines.append(
+            f"printf '%s %s\\n' {shlex.quote(path)} \"$(curl -sk -o /dev/null "
+            f"-w '%{{http_code}}' --max-time {timeout} "
+            f"--resolve {shlex.quote(f'{domain}:{port}:{addr}')} {shlex.quote(url)})\""
+        )
+    return "\n".join(lines)
+
+
+def gate_failures(text: str, services: Iterable[str] = SERVICES) -> list[str]:
+    """What is wrong according to :func:`gate_script`'s output ([] = healthy)."""
+    sec = sections(text)
+    containers = parse_containers(sec.get("containers", []))
+    problems = []
+    for service in services:
+        mine = [c for c in containers if c.service == service]
+        if not mine:
+            problems.append(f"{service}: no container")
+            continue
+        bad = [c for c in mine if not c.running or c.health not in ("healthy", "")]
+        for c in bad:
+            problems.append(f"{service}: {c.health or c.state}")
+    for line in sec.get("http", []):
+        path, _, code = line.strip().rpartition(" ")
+        if not path:
+            path, code = code, "000"
+        if not code.startswith("2"):
+            problems.append(f"GET {path} through nginx: HTTP {code or '000'}")
+    return problems
+
+
+# --- recording releases, restoring them -----------------------------------------
+
+
+def images_text(images: Mapping[str, tuple[str, str]]) -> str:
+    return "".join(f"{s} {ref} {i}\n" for s, (ref, i) in sorted(images.items()))
+
+
+def parse_images(text: str) -> dict[str, tuple[str, str]]:
+    out = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 3:
+            out[parts[0]] = (parts[1], parts[2])
+    return out
+
+
+def record_script(settings: Settings, release: str, managed: Iterable[str],
+                  images: Mapping[str, tuple[str, str]], log_line: str) -> str:
+    """Keep this release (files + image tags), make it current, prune, log."""
+    d = state_dir(settings)
+    rd = f"{d}/releases/{release}"
+    rels = " ".join(shlex.quote(r) for r in relative(settings, managed))
+    lines = [
+        "set -e",
+        f"D={shlex.quote(d)}; RD={shlex.quote(rd)}",
+        'mkdir -p "$RD"',
+        f"cd {shlex.quote(settings.root.rstrip('/'))}",
+        f"set -- ; for f in {rels}; do [ -f \"$f\" ] && set -- \"$@\" \"$f\"; done",
+        'tar cf "$RD/files.tar" -T /dev/null -- "$@"',
+        f"printf '%s' {shlex.quote(images_text(images))} > \"$RD/images\"",
+    ]
+    for service, (_ref, image_id) in sorted(images.items()):
+        lines.append(f"docker tag {shlex.quote(image_id)} "
+                     f"{shlex.quote(release_tag(settings, service, release))}")
+    lines += [
+        f"echo {shlex.quote(release)} > \"$D/current.tmp\" && mv -f \"$D/current.tmp\" "
+        "\"$D/current\"",
+        *prune_lines(settings),
+        log_append(settings, log_line),
+    ]
+    return "\n".join(lines)
+
+
+def prune_lines(settings: Settings) -> list[str]:
+    """Drop releases beyond ``deploy.keep_releases`` (their tags too), prune images."""
+    keep = int(settings.deploy.keep_releases)
+    repo = f"{settings.compose_project}-release/"
+    return [
+        f"for old in $(ls -1 \"$D/releases\" | sort | head -n -{keep}); do",
+        f"  docker images --format '{{{{.Repository}}}}:{{{{.Tag}}}}' | "
+        f"grep -F \":$old\" | grep -F {shlex.quote(repo)} | xargs -r docker rmi >/dev/null || true",
+        '  rm -rf "$D/releases/$old"',
+        "done",
+        "docker image prune -f >/dev/null || true",
+    ]
+
+
+def log_append(settings: Settings, line: str) -> str:
+    log = f"{state_dir(settings)}/deploy.log"
+    return f"printf '%s\\n' {shlex.quote(line)} >> {shlex.quote(log)}"
+
+
+def log_line(when: str, user: str, result: str, release: str,
+             images: Mapping[str, tuple[str, str]], detail: str = "") -> str:
+    """One deploy log line: time, local user, result, release, image refs and IDs."""
+    imgs = ",".join(f"{s}={ref}@{i.removeprefix('sha256:')[:12]}"
+                    for s, (ref, i) in sorted(images.items()))
+    out = f"{when} user={user} result={result} release={release or '-'} images={imgs or '-'}"
+    if detail:
+        out += " detail=" + json.dumps(detail)
+    return out
+
+
+def restore_script(settings: Settings, tar: str, managed_now: Iterable[str],
+                   images: Mapping[str, tuple[str, str]]) -> str:
+    """Put back a snapshot's files (removing managed files it did not have) and image tags."""
+    root = shlex.quote(settings.root.rstrip("/"))
+    rels = " ".join(shlex.quote(r) for r in relative(settings, managed_now))
+    lines = [
+        "set -e",
+        f"cd {root}",
+        f"T={shlex.quote(tar)}",
+        'tar tf "$T" > "$T.list"',
+        # Report which files the restore changes (services that mount them reload).
+        "echo '== changed'",
+        # Files this deploy added, which the snapshot did not have, go away.
+        f"for f in {rels}; do grep -qxF -- \"$f\" \"$T.list\" || "
+        "{ [ -e \"$f\" ] && echo \"$f\"; rm -f -- \"$f\"; }; done",
+        'rm -f "$T.list"',
+        'tar df "$T" 2>&1 | grep -E "Contents differ|Size differs|No such file|Cannot stat" '
+        '| sed -E "s/^tar: //; s/: .*//" | sort -u || true',
+        'tar xf "$T"',
+    ]
+    for _service, (ref, image_id) in sorted(images.items()):
+        lines.append(f"docker tag {shlex.quote(image_id)} {shlex.quote(ref)}")
+    return "\n".join(lines)

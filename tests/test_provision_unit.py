@@ -1,0 +1,153 @@
+"""provision's pure builders (no server): packages, cron block, ufw, settings file."""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+
+import pytest
+import yaml
+
+from fabfile.config import load_settings
+from fabfile.errors import ConfigError
+from fabfile.provision import (
+    CRON_BEGIN,
+    CRON_END,
+    apt_install_command,
+    compose_package,
+    cron_lines,
+    directories_script,
+    install_marker,
+    merge_cron_block,
+    missing_packages,
+    ops_files,
+    parse_facts,
+    server_settings_yaml,
+    ufw_commands,
+    ufw_is_configured,
+    wanted_packages,
+)
+
+
+def settings(**over):
+    return load_settings(invoke_section=over, environ={}, files=[])
+
+
+def test_cron_lines_use_the_ops_venv_and_log_files():
+    lines = cron_lines(settings(root="/srv/m"))
+    assert lines == [
+        "15 3 * * * cd / && /srv/m/ops/.venv/bin/inv -r /srv/m/ops backup.postgres "
+        ">> /var/log/maicivy/backup.log 2>&1",
+        "45 3 * * * cd / && /srv/m/ops/.venv/bin/inv -r /srv/m/ops backup.redis "
+        ">> /var/log/maicivy/backup.log 2>&1",
+        "30 4 * * * cd / && /srv/m/ops/.venv/bin/inv -r /srv/m/ops ssl.renew "
+        ">> /var/log/maicivy/ssl.log 2>&1",
+        "0 5 * * 0 cd / && /srv/m/ops/.venv/bin/inv -r /srv/m/ops backup.verify "
+        ">> /var/log/maicivy/restore-drill.log 2>&1",
+    ]
+    for line in lines:
+        assert "%" not in line  # cron would turn % into a newline
+        command = line.split(" ", 5)[5]
+        assert shlex.split(command)  # one shell line
+
+
+def test_cron_block_is_installed_once_and_keeps_other_entries():
+    lines = cron_lines(settings())
+    mine = "MAILTO=ops@example.org\n0 1 * * * /usr/local/bin/other\n"
+    once = merge_cron_block(mine, lines)
+    assert once.startswith(mine)
+    assert once.count(CRON_BEGIN) == 1 and once.count(CRON_END) == 1
+    assert merge_cron_block(once, lines) == once
+    changed = merge_cron_block(once, lines[:2])
+    assert changed.count(CRON_BEGIN) == 1 and lines[3] not in changed
+    assert merge_cron_block("", lines) == "\n".join([CRON_BEGIN, *lines, CRON_END]) + "\n"
+
+
+def test_apt_command_only_for_missing_packages():
+    status = ["docker.io install ok installed", "ufw deinstall ok config-files",
+              "cron install ok installed"]
+    assert missing_packages(["cron", "docker.io", "ufw"], status) == ["ufw"]
+    assert apt_install_command([]) is None
+    cmd = apt_install_command(["ufw", "certbot"])
+    assert cmd.endswith("--force-confold certbot ufw")
+    assert "DEBIAN_FRONTEND=noninteractive" in cmd and "apt-get update" in cmd
+
+
+def test_compose_plugin_package_per_distribution():
+    assert compose_package("debian", "12") is None  # bookworm has only compose v1
+    assert compose_package("debian", "13") == "docker-compose"
+    assert compose_package("ubuntu", "24.04") == "docker-compose-v2"
+    assert "docker-compose-v2" in wanted_packages("ubuntu", "24.04")
+    wanted = wanted_packages("debian", "12")
+    for pkg in ("docker.io", "certbot", "cron", "ufw", "python3-venv"):
+        assert pkg in wanted
+
+
+def test_facts_know_when_systemd_is_not_pid_1():
+    f = parse_facts("== os\ndebian 12\n== pid1\nsshd\n== packages\n== compose\n== tools\nufw\n")
+    assert (f.os_id, f.version, f.systemd, f.tools) == ("debian", "12", False, {"ufw"})
+    f = parse_facts("== os\nubuntu 24.04\n== pid1\nsystemd\nsystemd-booted\n== compose\n2.40.3\n")
+    assert f.systemd and f.compose == "2.40.3"
+
+
+UFW_STATUS = """Status: active
+Logging: on (low)
+Default: deny (incoming), allow (outgoing), disabled (routed)
+New profiles: skip
+
+To                         Action      From
+--                         ------      ----
+22/tcp                     LIMIT IN    Anywhere                   # ssh
+80/tcp                     ALLOW IN    Anywhere                   # http
+443/tcp                    ALLOW IN    Anywhere                   # https
+22/tcp (v6)                LIMIT IN    Anywhere (v6)              # ssh
+"""
+
+
+def test_ufw_status_parsing():
+    assert ufw_is_configured(UFW_STATUS, 22)
+    assert not ufw_is_configured(UFW_STATUS, 2222)
+    assert not ufw_is_configured(UFW_STATUS.replace("active", "inactive"), 22)
+    assert not ufw_is_configured(UFW_STATUS.replace("deny (incoming)", "allow (incoming)"), 22)
+    cmds = ufw_commands(2222)
+    assert cmds[0] == "ufw limit 2222/tcp comment ssh"  # SSH stays open before enabling
+    assert cmds[-1] == "ufw --force enable"
+
+
+def test_server_settings_file_loads_back_to_the_same_settings(tmp_path):
+    s = settings(domain="example.org", grafana_domain="g.example.org",
+                 known_hosts=["/home/me/.ssh/kh"])
+    path = tmp_path / "maicivy.yaml"
+    path.write_text(server_settings_yaml(s))
+    back = load_settings(environ={}, files=[path])
+    assert back.domain == "example.org" and back.known_hosts == []
+    assert {k: v for k, v in back.items() if k != "known_hosts"} == \
+        {k: v for k, v in s.items() if k != "known_hosts"}
+    assert yaml.safe_load(path.read_text())["images"] == dict(s.images)
+
+
+def test_ops_files_are_the_package_tree_without_caches():
+    files = ops_files()
+    assert "tasks.py" in files and "setup.cfg" in files and "fabfile/provision.py" in files
+    assert any(p.startswith("templates/") for p in files)
+    assert not any("__pycache__" in p or p.endswith(".pyc") for p in files)
+    assert not any(p.startswith("tests/") for p in files)
+    m = install_marker(files, "")
+    assert m == install_marker(dict(files), "") and m != install_marker(files, "--no-index")
+
+
+def test_directories_script_changes_only_what_differs(tmp_path):
+    target = tmp_path / "a" / "b"
+    script = directories_script([(str(target), "750")])
+    first = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True)
+    assert first.stdout.strip() == str(target)
+    assert oct(target.stat().st_mode & 0o777) == "0o750"
+    again = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True)
+    assert again.stdout == ""
+
+
+def test_bad_provision_settings_are_refused():
+    with pytest.raises(ConfigError, match="maicivy.provision.cron.ssl_renew"):
+        settings(provision={"cron": {"ssl_renew": "daily"}})
+    with pytest.raises(ConfigError, match="maicivy.provision.pip_options"):
+        settings(provision={"pip_options": "--index-url x; rm -rf /"})
