@@ -1,0 +1,430 @@
+"""Health of the running stack, checked on the server, all checks at once.
+
+One shell script is sent to the server (one SSH round trip from a laptop, or
+run locally by ``inv`` on the server). It starts every check in the
+background, each one bounded by ``health.timeout_seconds`` (``timeout``), waits
+for all of them and prints their raw results; the verdicts are computed here
+from those results by pure functions.
+
+Checks: the site (frontend), the backend's ``/health`` and ``/health/deep``,
+Grafana's ``/api/health`` -- all through nginx on the server's HTTPS port with
+the real host names (SNI), so they prove the whole path; Prometheus
+readiness (inside its container: it is not published); the state and health
+of every compose service; the days left on the certificate nginx serves for
+each name; the free space on the filesystems holding Docker's data (the
+volumes), the stack and the backups.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+from invoke import Exit
+
+from .config import SERVICES, Settings
+from .core import host_for, ops_task, settings_for
+from .errors import OpsError
+from .host import Host
+from .ssl import cert_names, local_address, parse_x509, served_cert_command
+from .stack import compose
+
+OK, WARNING, CRITICAL = "ok", "warning", "critical"
+EXIT_CODES = {OK: 0, WARNING: 1, CRITICAL: 2}
+_ID = re.compile(r"^[a-z0-9_]+$")
+
+
+class HealthUnknown(OpsError):
+    """The checks could not run at all: as bad as a critical result."""
+
+    exit_code = 2
+
+
+@dataclass
+class Probe:
+    """One command the script runs on the server, in the background."""
+
+    id: str
+    label: str
+    command: str
+
+
+@dataclass
+class Row:
+    check: str
+    status: str
+    detail: str
+    seconds: float | None = None
+
+
+# --- the probes -------------------------------------------------------------------
+
+
+def _https(settings: Settings, domain: str, path: str, timeout: float) -> str:
+    """curl through nginx on the server for ``domain`` (TLS + SNI), body then status."""
+    port = settings.publish.https
+    address = local_address(settings)
+    resolve = f"{domain}:{port}:{f'[{address}]' if ':' in address else address}"
+    return (f"curl -sS -k --max-time {timeout + 1:g} --resolve {shlex.quote(resolve)} "
+            f"-w '\\n%{{http_code}}' {shlex.quote(f'https://{domain}:{port}{path}')}")
+
+
+def disk_paths(settings: Settings) -> list[tuple[str, str]]:
+    """(label, path) of the filesystems whose free space is checked."""
+    return [("docker data", ""), ("stack", settings.root), ("backups", settings.backup.dir)]
+
+
+def _disk_command(settings: Settings) -> str:
+    paths = " ".join(shlex.quote(p) for _, p in disk_paths(settings)[1:])
+    return (
+        "root=$(docker info --format '{{.DockerRootDir}}' 2>/dev/null || true); "
+        "for p in \"$root\" " + paths + "; do "
+        "if [ -n \"$p\" ] && [ -e \"$p\" ]; then echo \"@@path $p\"; "
+        "df -P -k \"$p\" | tail -n 1; fi; done; echo \"@@docker $root\""
+    )
+
+
+def probes(settings: Settings) -> list[Probe]:
+    """Every check of health.check, as commands to run on the server."""
+    t = float(settings.health.timeout_seconds)
+    h = settings.health
+    out = [
+        Probe("frontend", "frontend", _https(settings, settings.domain, h.frontend_path, t)),
+        Probe("backend", f"backend {h.backend_path}",
+              _https(settings, settings.domain, h.backend_path, t)),
+        Probe("backend_deep", f"backend {h.backend_deep_path}",
+              _https(settings, settings.domain, h.backend_deep_path, t)),
+        Probe("grafana", "grafana", _https(settings, settings.grafana_domain, "/api/health", t)),
+        Probe("prometheus", "prometheus", compose(
+            settings, "exec", "-T", "prometheus", "wget", "-q", "-O", "-",
+            f"http://127.0.0.1:{settings.ports.prometheus}/-/ready")),
+        Probe("services", "services", compose(settings, "ps", "--all", "--format", "json")),
+    ]
+    for i, name in enumerate(cert_names(settings)):
+        out.append(Probe(f"cert_{i}", f"certificate {name}",
+                         served_cert_command(settings, name, timeout=t)))
+    out.append(Probe("disk", "disk", _disk_command(settings)))
+    return out
+
+
+def probe_script(selected: list[Probe], timeout: float) -> str:
+    """Bash: run every probe in the background under ``timeout``, then print results.
+
+    Output: ``@@probe <id> <exit code> <milliseconds>`` followed by (the end of)
+    what the probe printed. Exit code 124 means the probe timed out.
+    """
+    for p in selected:
+        if not _ID.match(p.id):
+            raise ValueError(f"bad probe id {p.id!r}")
+    lines = [
+        "set -u",
+        'T=$(mktemp -d "${TMPDIR:-/tmp}/maicivy-health.XXXXXX") || exit 90',
+        "trap 'rm -rf \"$T\"' EXIT",
+        "probe() {",
+        "  local id=$1; shift",
+        "  local start; start=$(date +%s%N)",
+        f"  timeout -k 1 {timeout:g} bash -c \"$1\" >\"$T/$id.out\" 2>&1 </dev/null",
+        "  local rc=$?",
+        "  echo \"$rc $(( ($(date +%s%N) - start) / 1000000 ))\" >\"$T/$id.rc\"",
+        "}",
+    ]
+    for p in selected:
+        lines.append(f"probe {p.id} {shlex.quote(p.command)} &")
+    lines.append("wait")
+    for p in selected:
+        lines.append(f"echo \"@@probe {p.id} $(cat \"$T/{p.id}.rc\" 2>/dev/null || echo '125 0')\"")
+        lines.append(f"tail -c 8192 \"$T/{p.id}.out\" 2>/dev/null; echo")
+    return "\n".join(lines) + "\n"
+
+
+def parse_probe_output(text: str) -> dict[str, tuple[int, int, str]]:
+    """``{probe id: (exit code, milliseconds, output)}``."""
+    results: dict[str, tuple[int, int, list[str]]] = {}
+    current = None
+    for line in text.splitlines():
+        m = re.match(r"^@@probe ([a-z0-9_]+) (-?\d+) (-?\d+)$", line)
+        if m:
+            current = m.group(1)
+            results[current] = (int(m.group(2)), int(m.group(3)), [])
+        elif current is not None:
+            results[current][2].append(line)
+    return {k: (rc, ms, "\n".join(lines).strip("\n")) for k, (rc, ms, lines) in results.items()}
+
+
+# --- verdicts ---------------------------------------------------------------------
+
+
+def _last_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[-1][:200] if lines else "no output"
+
+
+def _timed_out(rc: int, output: str) -> bool:
+    return rc in (124, 137) or (rc == 28 and "timed out" in output.lower())
+
+
+def http_row(label: str, rc: int, output: str, timeout: float, seconds: float,
+             expect=None) -> Row:
+    """Verdict of a curl probe (body, then the HTTP status on the last line)."""
+    if _timed_out(rc, output):
+        return Row(label, CRITICAL, f"no answer within {timeout:g}s", seconds)
+    body, _, code = output.rpartition("\n")
+    code = code.strip()
+    if rc != 0 or not code.isdigit() or code == "000":
+        return Row(label, CRITICAL, f"unreachable: {_last_line(body or output)}", seconds)
+    status = int(code)
+    if not 200 <= status < 400:
+        return Row(label, CRITICAL, f"HTTP {status}{_body_hint(body)}", seconds)
+    if expect is not None:
+        problem = expect(body)
+        if problem:
+            return Row(label, CRITICAL, f"HTTP {status} but {problem}", seconds)
+    return Row(label, OK, f"HTTP {status}", seconds)
+
+
+def _body_hint(body: str) -> str:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return ""
+    if isinstance(data, dict) and isinstance(data.get("checks"), dict):
+        bad = [f"{k}: {v.get('error') or v.get('status')}" for k, v in data["checks"].items()
+               if isinstance(v, dict) and v.get("status") != "ok"]
+        if bad:
+            return " (" + "; ".join(bad)[:200] + ")"
+    if isinstance(data, dict) and data.get("status"):
+        return f" (status {data['status']})"
+    return ""
+
+
+def _grafana_ok(body: str) -> str:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return "the answer is not Grafana's health JSON"
+    if isinstance(data, dict) and data.get("database", "ok") != "ok":
+        return f"database {data.get('database')}"
+    return ""
+
+
+def service_rows(settings: Settings, rc: int, output: str, seconds: float) -> list[Row]:
+    """One row per compose service from ``compose ps --all --format json``."""
+    if rc != 0:
+        detail = ("docker compose did not answer in time" if _timed_out(rc, output)
+                  else f"docker compose ps failed: {_last_line(output)}")
+        return [Row(f"service {s}", CRITICAL, detail, seconds) for s in SERVICES]
+    found: dict[str, dict] = {}
+    for line in output.splitlines():
+        line = line.strip()
+        if not line.startswith(("{", "[")):
+            continue
+        try:
+            data = json.loads(line)
+        except ValueError:
+            continue
+        for item in data if isinstance(data, list) else [data]:
+            found[item.get("Service", "")] = item
+    rows = []
+    for service in SERVICES:
+        item = found.get(service)
+        if item is None:
+            rows.append(Row(f"service {service}", CRITICAL, "no container (not created)", seconds))
+            continue
+        state = (item.get("State") or "").lower()
+        health = (item.get("Health") or "").lower()
+        if state != "running":
+            code = item.get("ExitCode")
+            detail = state or "unknown state"
+            if state == "exited" and code is not None:
+                detail += f" (exit code {code})"
+            rows.append(Row(f"service {service}", CRITICAL, detail, seconds))
+        elif health in ("", "healthy"):
+            rows.append(Row(f"service {service}", OK, health or "running (no health check)",
+                            seconds))
+        elif health == "starting":
+            rows.append(Row(f"service {service}", WARNING, "starting", seconds))
+        else:
+            rows.append(Row(f"service {service}", CRITICAL, health, seconds))
+    return rows
+
+
+def cert_row(settings: Settings, name: str, rc: int, output: str, now: float,
+             timeout: float, seconds: float) -> Row:
+    label = f"certificate {name}"
+    if _timed_out(rc, output):
+        return Row(label, CRITICAL, f"no TLS answer within {timeout:g}s", seconds)
+    info = parse_x509(name, "served", output, now)
+    if info.error or info.days_left is None:
+        return Row(label, CRITICAL, info.error or "unreadable certificate", seconds)
+    days = info.days_left
+    detail = f"{days:.0f} days left (expires {info.not_after[:10]}, {info.issuer})"
+    if info.self_signed:
+        detail += ", self-signed stand-in"
+    if days < settings.tls.critical_days:
+        return Row(label, CRITICAL, detail, seconds)
+    if days < settings.tls.warn_days:
+        return Row(label, WARNING, detail, seconds)
+    return Row(label, OK, detail, seconds)
+
+
+def disk_rows(settings: Settings, rc: int, output: str, seconds: float) -> list[Row]:
+    """One row per filesystem (several of our paths can share one)."""
+    if _timed_out(rc, output):
+        return [Row("disk", CRITICAL, "df did not answer in time", seconds)]
+    docker_root = ""
+    found: list[tuple[str, list[str]]] = []
+    for line in output.splitlines():
+        if line.startswith("@@docker "):
+            docker_root = line[len("@@docker "):].strip()
+        elif line.startswith("@@path "):
+            found.append((line[len("@@path "):], []))
+        elif found and line.strip():
+            found[-1][1].extend(line.split())
+    labels = {p: label for label, p in disk_paths(settings) if p}
+    by_mount: dict[str, tuple[int, int, list[str]]] = {}
+    for path, fields in found:
+        if len(fields) < 6 or not fields[4].rstrip("%").isdigit():
+            continue
+        mount, used = fields[5], int(fields[4].rstrip("%"))
+        avail_kb = int(fields[3]) if fields[3].isdigit() else 0
+        label = "docker data" if path == docker_root else labels.get(path, path)
+        by_mount.setdefault(mount, (used, avail_kb, []))[2].append(label)
+    if not by_mount:
+        return [Row("disk", CRITICAL, f"df gave nothing: {_last_line(output)}", seconds)]
+    rows = []
+    for mount, (used, avail_kb, names) in by_mount.items():
+        detail = f"{used}% used, {avail_kb / 1024 / 1024:.1f} GiB free ({', '.join(names)})"
+        if used >= settings.health.disk_critical_percent:
+            status = CRITICAL
+        elif used >= settings.health.disk_warn_percent:
+            status = WARNING
+        else:
+            status = OK
+        rows.append(Row(f"disk {mount}", status, detail, seconds))
+    return rows
+
+
+def evaluate(settings: Settings, selected: list[Probe],
+             results: dict[str, tuple[int, int, str]], now: float | None = None) -> list[Row]:
+    """Turn raw probe results into the rows health.check prints."""
+    timeout = float(settings.health.timeout_seconds)
+    now = time.time() if now is None else now
+    names = dict(zip((f"cert_{i}" for i in range(10)), cert_names(settings), strict=False))
+    rows: list[Row] = []
+    for p in selected:
+        if p.id not in results:
+            rows.append(Row(p.label, CRITICAL, "the check did not report (script cut short?)"))
+            continue
+        rc, ms, output = results[p.id]
+        seconds = round(ms / 1000, 3)
+        if p.id in ("frontend", "backend", "backend_deep"):
+            rows.append(http_row(p.label, rc, output, timeout, seconds))
+        elif p.id == "grafana":
+            rows.append(http_row(p.label, rc, output, timeout, seconds, expect=_grafana_ok))
+        elif p.id == "prometheus":
+            if _timed_out(rc, output):
+                rows.append(Row(p.label, CRITICAL, f"no answer within {timeout:g}s", seconds))
+            elif rc == 0:
+                rows.append(Row(p.label, OK, "ready", seconds))
+            else:
+                rows.append(Row(p.label, CRITICAL, f"not ready: {_last_line(output)}", seconds))
+        elif p.id == "services":
+            rows.extend(service_rows(settings, rc, output, seconds))
+        elif p.id.startswith("cert_"):
+            rows.append(cert_row(settings, names[p.id], rc, output, now, timeout, seconds))
+        elif p.id == "disk":
+            rows.extend(disk_rows(settings, rc, output, seconds))
+    return rows
+
+
+def overall(rows: list[Row]) -> str:
+    if any(r.status == CRITICAL for r in rows):
+        return CRITICAL
+    if any(r.status == WARNING for r in rows):
+        return WARNING
+    return OK
+
+
+# --- output -----------------------------------------------------------------------
+
+_COLOURS = {OK: "\033[32m", WARNING: "\033[33m", CRITICAL: "\033[31m"}
+_WORDS = {OK: "OK", WARNING: "WARN", CRITICAL: "CRIT"}
+
+
+def format_table(rows: list[Row], colour: bool = False) -> str:
+    width = max([len(r.check) for r in rows] + [5])
+    out = []
+    for r in rows:
+        word = _WORDS[r.status].ljust(4)
+        if colour:
+            word = f"{_COLOURS[r.status]}{word}\033[0m"
+        took = f"{r.seconds:6.2f}s" if r.seconds is not None else "      -"
+        out.append(f"{word}  {r.check.ljust(width)}  {took}  {r.detail}")
+    return "\n".join(out)
+
+
+def as_json(rows: list[Row], elapsed: float, host_name: str) -> str:
+    status = overall(rows)
+    return json.dumps({
+        "host": host_name,
+        "status": status,
+        "exit_code": EXIT_CODES[status],
+        "seconds": round(elapsed, 3),
+        "checks": [asdict(r) for r in rows],
+    }, indent=2)
+
+
+# --- running ----------------------------------------------------------------------
+
+
+def run_probes(host: Host, settings: Settings, selected: list[Probe]) -> tuple[list[Row], float]:
+    """Run the given probes on the server in parallel; (rows, wall-clock seconds)."""
+    timeout = float(settings.health.timeout_seconds)
+    script = probe_script(selected, timeout)
+    start = time.monotonic()
+    r = host.check(f"bash -c {shlex.quote(script)}", sudo=True, timeout=timeout + 30)
+    elapsed = time.monotonic() - start
+    results = parse_probe_output(r.stdout)
+    if not results:
+        raise HealthUnknown(f"the health checks did not run on {host.name}: "
+                            f"{_last_line(r.stderr or r.stdout)}")
+    return evaluate(settings, selected, results), elapsed
+
+
+def check_health(host: Host, settings: Settings) -> tuple[list[Row], float]:
+    """Every check of health.check: (rows, wall-clock seconds)."""
+    return run_probes(host, settings, probes(settings))
+
+
+@ops_task(help={"json_": "print JSON (for machines) instead of the table"})
+def check(c, json_=False):
+    """Check the whole stack, all checks in parallel; exit 0 ok, 1 warning, 2 critical.
+
+    Runs on the server (inv health.check, e.g. from cron) or from a laptop
+    (fab -H vps health.check): the checks always run on the server. It checks
+    the site, the backend's /health and /health/deep, Grafana (all through
+    nginx with the real host names), Prometheus readiness, the state of every
+    compose service, the days left on each certificate nginx serves (warning
+    under tls.warn_days, critical under tls.critical_days) and free disk space
+    (health.disk_warn_percent / disk_critical_percent). Each check gives up
+    after health.timeout_seconds. Prints a table (coloured on a terminal),
+    or JSON with --json.
+    """
+    settings = settings_for(c)
+    host = host_for(c, settings)
+    rows, elapsed = check_health(host, settings)
+    status = overall(rows)
+    if json_:
+        print(as_json(rows, elapsed, host.name))
+    else:
+        colour = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+        print(format_table(rows, colour=colour))
+        print(f"{_WORDS[status]}: {host.name}, {len(rows)} checks in {elapsed:.2f}s")
+    sys.stdout.flush()
+    if status != OK:
+        raise Exit(code=EXIT_CODES[status])

@@ -1,0 +1,335 @@
+"""Prometheus and Grafana configuration of the running stack.
+
+``monitoring.push`` renders the Prometheus files (prometheus.yml, alerts.yml)
+and Grafana's provisioning and dashboards, uploads them to a staging
+directory on the server (``{root}/monitoring/.staging/<random>``, which no
+container mounts) and checks the Prometheus files there with the promtool of
+the very Prometheus image the stack runs (a throw-away ``docker run`` with no
+network and the staging directory mounted read-only). Only when promtool
+accepts them are the changed files renamed into place (the previous ones kept
+aside), Prometheus reloaded (``POST /-/reload``) and Grafana's provisioning
+reloaded (its admin API, credentials read from the Grafana container's own
+environment inside the container and given to curl on stdin, never on a
+command line). If the reload fails the previous files are put back.
+
+``monitoring.status`` asks Prometheus for its scrape targets and alerts.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shlex
+from dataclasses import dataclass
+
+import yaml
+from invoke import Exit
+
+from .config import Settings
+from .core import host_for, ops_task, settings_for
+from .errors import OpsError
+from .host import Host
+from .stack import compose, remote_files
+
+PROM_DIR = "monitoring/prometheus"
+GRAFANA_DIR = "monitoring/grafana"
+
+
+# --- pure builders ------------------------------------------------------------
+
+
+def monitoring_files(settings: Settings) -> dict[str, bytes]:
+    """``{path relative to the stack root: content}`` of the monitoring tree."""
+    root = settings.root.rstrip("/") + "/"
+    return {path[len(root):]: data for path, data in remote_files(settings).items()
+            if path.startswith(root + "monitoring/")}
+
+
+def lint(files: dict[str, bytes]) -> None:
+    """Every YAML file parses, every dashboard is a JSON object (before any upload)."""
+    for rel, data in sorted(files.items()):
+        try:
+            if rel.endswith((".yml", ".yaml")):
+                yaml.safe_load(data)
+            elif rel.endswith(".json") and not isinstance(json.loads(data), dict):
+                raise ValueError("not a JSON object")
+        except (yaml.YAMLError, ValueError) as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise OpsError(f"rendered {rel} is not valid: {first}; nothing was uploaded") from exc
+
+
+def promtool_command(settings: Settings, staging: str) -> str:
+    """promtool of the stack's Prometheus image on the staged files (no network)."""
+    argv = [
+        "docker", "run", "--rm", "--network", "none", "--entrypoint", "promtool",
+        "-v", f"{staging}/{PROM_DIR}:/candidate:ro",
+        settings.image("prometheus"),
+        "check", "config", "/candidate/prometheus.yml",
+    ]
+    return " ".join(shlex.quote(a) for a in argv)
+
+
+def promtool_reason(output: str) -> str:
+    """What promtool rejected, as one line."""
+    lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
+    bad = [ln for ln in lines if "FAILED" in ln or "error" in ln.lower()
+           or "err=" in ln]
+    return "; ".join((bad or lines[-2:])[:3])[:500] or "no output"
+
+
+def install_script(settings: Settings, staging: str, changed: list[str]) -> str:
+    """Move the changed files from staging into place, keeping the previous ones."""
+    root = settings.root.rstrip("/")
+    q = shlex.quote
+    lines = ["set -e"]
+    for rel in changed:
+        live, new, prev = f"{root}/{rel}", f"{staging}/{rel}", f"{staging}/.previous/{rel}"
+        lines.append(f"mkdir -p {q(live.rsplit('/', 1)[0])} {q(prev.rsplit('/', 1)[0])}")
+        lines.append(f"if [ -e {q(live)} ]; then cp -p {q(live)} {q(prev)}; fi")
+        lines.append(f"mv -f {q(new)} {q(live)}")
+    return "\n".join(lines) + "\n"
+
+
+def rollback_script(settings: Settings, staging: str, changed: list[str]) -> str:
+    """Put back what :func:`install_script` replaced."""
+    root = settings.root.rstrip("/")
+    q = shlex.quote
+    lines = []
+    for rel in changed:
+        live, prev = f"{root}/{rel}", f"{staging}/.previous/{rel}"
+        lines.append(f"if [ -e {q(prev)} ]; then mv -f {q(prev)} {q(live)}; "
+                     f"else rm -f {q(live)}; fi")
+    return "\n".join(lines) + "\n"
+
+
+def prometheus_reload_command(settings: Settings) -> str:
+    return compose(settings, "exec", "-T", "prometheus", "wget", "-q", "-O", "-",
+                   "--post-data=", f"http://127.0.0.1:{settings.ports.prometheus}/-/reload")
+
+
+GRAFANA_RELOAD = r"""
+set -u
+esc() { printf '%s' "$1" | sed 's/[\\"]/\\&/g'; }
+rc=0
+for kind in datasources dashboards; do
+  code=$(printf 'user = "%s:%s"\n' "$(esc "${GF_SECURITY_ADMIN_USER:-admin}")" \
+           "$(esc "${GF_SECURITY_ADMIN_PASSWORD:-}")" \
+         | curl -sS -K - -X POST -o /dev/null -w '%{http_code}' --max-time 30 \
+           "http://127.0.0.1:PORT/api/admin/provisioning/$kind/reload") || code="curl failed"
+  echo "$kind $code"
+  [ "$code" = 200 ] || rc=1
+done
+exit $rc
+"""
+
+
+def grafana_reload_command(settings: Settings) -> str:
+    """Reload Grafana's provisioning; the admin password stays inside the container."""
+    script = GRAFANA_RELOAD.replace("PORT", str(int(settings.ports.grafana)))
+    return compose(settings, "exec", "-T", "grafana", "sh", "-c", script)
+
+
+def status_command(settings: Settings) -> str:
+    base = f"http://127.0.0.1:{settings.ports.prometheus}/api/v1"
+    script = (f"wget -q -O - '{base}/targets?state=active' && echo && echo @@alerts && "
+              f"wget -q -O - '{base}/alerts'")
+    return compose(settings, "exec", "-T", "prometheus", "sh", "-c", script)
+
+
+@dataclass
+class Target:
+    job: str
+    instance: str
+    health: str
+    last_error: str
+    last_scrape: str
+
+
+@dataclass
+class Alert:
+    name: str
+    state: str
+    severity: str
+    summary: str
+    active_at: str
+
+
+def parse_status(output: str) -> tuple[list[Target], list[Alert]]:
+    """Targets and alerts from Prometheus' /api/v1/targets and /api/v1/alerts answers."""
+    targets_text, sep, alerts_text = output.partition("@@alerts")
+    if not sep:
+        raise OpsError(f"Prometheus did not answer: {output.strip()[-200:] or 'no output'}")
+    try:
+        targets_data = json.loads(targets_text)["data"]["activeTargets"]
+        alerts_data = json.loads(alerts_text)["data"]["alerts"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise OpsError(f"unexpected answer from Prometheus' API: {exc}") from exc
+    targets = [Target(
+        job=t.get("labels", {}).get("job", t.get("scrapePool", "")),
+        instance=t.get("labels", {}).get("instance", t.get("scrapeUrl", "")),
+        health=t.get("health", "unknown"),
+        last_error=t.get("lastError", ""),
+        last_scrape=t.get("lastScrape", ""),
+    ) for t in targets_data]
+    alerts = [Alert(
+        name=a.get("labels", {}).get("alertname", ""),
+        state=a.get("state", ""),
+        severity=a.get("labels", {}).get("severity", ""),
+        summary=a.get("annotations", {}).get("summary", ""),
+        active_at=a.get("activeAt", ""),
+    ) for a in alerts_data]
+    targets.sort(key=lambda t: (t.job, t.instance))
+    alerts.sort(key=lambda a: (a.state != "firing", a.name))
+    return targets, alerts
+
+
+def format_status(targets: list[Target], alerts: list[Alert]) -> list[str]:
+    lines = ["Scrape targets:"]
+    rows = [("JOB", "INSTANCE", "HEALTH", "LAST SCRAPE (UTC)", "LAST ERROR")]
+    rows += [(t.job, t.instance, t.health.upper(), t.last_scrape[:19].replace("T", " "),
+              t.last_error or "-") for t in targets]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines += ["  " + "  ".join(r[i].ljust(widths[i]) for i in range(4)) + "  " + r[4]
+              for r in rows]
+    if not alerts:
+        lines.append("Alerts: none pending or firing")
+        return lines
+    lines.append("Alerts:")
+    rows = [("STATE", "ALERT", "SEVERITY", "SINCE (UTC)", "SUMMARY")]
+    rows += [(a.state.upper(), a.name, a.severity or "-", a.active_at[:19].replace("T", " "),
+              a.summary) for a in alerts]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines += ["  " + "  ".join(r[i].ljust(widths[i]) for i in range(4)) + "  " + r[4]
+              for r in rows]
+    return lines
+
+
+# --- steps ----------------------------------------------------------------------
+
+
+@dataclass
+class PushResult:
+    changed: list[str]
+    prometheus_reloaded: bool = False
+    grafana_reloaded: bool = False
+
+
+def push_files(host: Host, settings: Settings, files: dict[str, bytes],
+               force: bool = False) -> PushResult:
+    """Validate ``files`` (relative to the root) with promtool on the server, install, reload.
+
+    Nothing is moved into place unless promtool accepts the Prometheus files;
+    if a reload fails, the previous files are put back (and reloaded).
+    """
+    lint(files)
+    root = settings.root.rstrip("/")
+    digests = host.hashes([f"{root}/{rel}" for rel in files], sudo=True)
+    from .host import sha256
+
+    changed = sorted(rel for rel, data in files.items()
+                     if digests.get(f"{root}/{rel}") != sha256(data))
+    prom_changed = force or any(rel.startswith(PROM_DIR + "/") for rel in changed)
+    grafana_changed = force or any(rel.startswith(GRAFANA_DIR + "/") for rel in changed)
+    result = PushResult(changed)
+    if not changed and not force:
+        return result
+    staging = f"{root}/monitoring/.staging/{secrets.token_hex(8)}"
+    try:
+        host.run(f"mkdir -p -m 755 {shlex.quote(staging)}", sudo=True)
+        dirs = sorted({f"{staging}/{rel}".rsplit("/", 1)[0] for rel in files})
+        host.run("mkdir -p " + " ".join(shlex.quote(d) for d in dirs), sudo=True)
+        for rel, data in files.items():
+            host.write_file(f"{staging}/{rel}", data, mode=0o644, sudo=True)
+        r = host.run(promtool_command(settings, staging), sudo=True, warn=True, timeout=180)
+        if r.failed:
+            raise OpsError(f"promtool rejects the new Prometheus configuration: "
+                           f"{promtool_reason(r.stdout + r.stderr)}; nothing was changed "
+                           "on the server")
+        if host.dry_run:
+            return result
+        host.run(f"bash -c {shlex.quote(install_script(settings, staging, changed))}", sudo=True)
+        try:
+            if prom_changed:
+                r = host.run(prometheus_reload_command(settings), sudo=True, warn=True,
+                             timeout=60)
+                if r.failed:
+                    raise OpsError(f"Prometheus refused to reload: "
+                                   f"{(r.stderr or r.stdout).strip()[-300:] or 'no answer'}")
+                result.prometheus_reloaded = True
+            if grafana_changed:
+                r = host.run(grafana_reload_command(settings), sudo=True, warn=True, timeout=90)
+                if r.failed:
+                    raise OpsError("Grafana did not reload its provisioning: "
+                                   + "; ".join(r.stdout.split("\n")).strip("; ")
+                                   + (f" {r.stderr.strip()[-200:]}" if r.stderr.strip() else ""))
+                result.grafana_reloaded = True
+        except OpsError as exc:
+            host.run(f"bash -c {shlex.quote(rollback_script(settings, staging, changed))}",
+                     sudo=True, warn=True)
+            if prom_changed:
+                host.run(prometheus_reload_command(settings), sudo=True, warn=True, timeout=60)
+            raise OpsError(f"{exc}; the previous monitoring files were put back") from None
+        return result
+    finally:
+        host.run(f"rm -rf {shlex.quote(staging)}", sudo=True, warn=True)
+
+
+def read_status(host: Host, settings: Settings) -> tuple[list[Target], list[Alert]]:
+    r = host.check(status_command(settings), sudo=True, timeout=60)
+    if r.failed and "@@alerts" not in r.stdout:
+        detail = (r.stderr or r.stdout).strip().splitlines()
+        raise OpsError(f"cannot query Prometheus on {host.name}: "
+                       f"{detail[-1] if detail else 'no output'}; is the stack running?")
+    return parse_status(r.stdout)
+
+
+# --- tasks ----------------------------------------------------------------------
+
+
+@ops_task(help={
+    "force": "upload, validate and reload even if no file changed",
+    "dry_run": "list the files that would change, change nothing",
+})
+def push(c, force=False, dry_run=False):
+    """Update the Prometheus and Grafana configuration of the running stack.
+
+    Renders prometheus.yml, alerts.yml and Grafana's provisioning and
+    dashboards from the settings, checks the Prometheus files with promtool
+    (of the stack's own Prometheus image) on the server *before* anything is
+    replaced, then installs the changed files and reloads Prometheus and
+    Grafana's provisioning (no restart). A file promtool rejects is never
+    loaded: the task says why and leaves the server as it was.
+    """
+    settings = settings_for(c)
+    host = host_for(c, settings, dry_run=dry_run)
+    result = push_files(host, settings, monitoring_files(settings), force=force)
+    if not result.changed and not force:
+        print("monitoring configuration unchanged; nothing reloaded")
+        return
+    for rel in result.changed:
+        print(f"{'would update' if dry_run else 'updated'} {rel}")
+    if dry_run:
+        return
+    done = [name for name, ok in (("Prometheus", result.prometheus_reloaded),
+                                  ("Grafana provisioning", result.grafana_reloaded)) if ok]
+    print("promtool: configuration valid; reloaded " + (" and ".join(done) or "nothing"))
+
+
+@ops_task(help={"json_": "print JSON instead of tables"})
+def status(c, json_=False):
+    """Show Prometheus' scrape targets (up/down, last error) and its alerts.
+
+    Exits 1 when a target is down or an alert is firing, 0 otherwise.
+    """
+    settings = settings_for(c)
+    host = host_for(c, settings)
+    targets, alerts = read_status(host, settings)
+    if json_:
+        from dataclasses import asdict
+
+        print(json.dumps({"targets": [asdict(t) for t in targets],
+                          "alerts": [asdict(a) for a in alerts]}, indent=2))
+    else:
+        print("\n".join(format_status(targets, alerts)))
+    if any(t.health != "up" for t in targets) or any(a.state == "firing" for a in alerts):
+        raise Exit(code=1)

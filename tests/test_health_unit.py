@@ -1,0 +1,205 @@
+"""health: the parallel probe script (run for real, locally) and every verdict."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from fabfile import health
+from fabfile.config import SERVICES, load_settings
+from fabfile.errors import ConfigError
+from fabfile.health import CRITICAL, OK, WARNING, Probe
+
+
+def settings(**over):
+    base = {"domain": "maicivy.test", "grafana_domain": "grafana.maicivy.test"}
+    return load_settings(environ={}, files=[], overrides={**base, **over})
+
+
+def run_script(probes, timeout):
+    script = health.probe_script(probes, timeout)
+    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+    return health.parse_probe_output(proc.stdout)
+
+
+# --- the probe script -------------------------------------------------------------
+
+
+def test_probe_script_reports_each_probes_exit_code_and_output():
+    results = run_script([Probe("a", "a", "echo hello; echo world"),
+                          Probe("b", "b", "echo oops >&2; exit 3")], timeout=5)
+    assert results["a"][0] == 0 and results["a"][2] == "hello\nworld"
+    assert results["b"][0] == 3 and results["b"][2] == "oops"
+
+
+def test_a_hanging_probe_is_cut_at_the_timeout_and_the_others_still_report():
+    results = run_script([Probe("hang", "hang", "sleep 30"), Probe("quick", "quick", "echo ok")],
+                         timeout=1)
+    rc, ms, _ = results["hang"]
+    assert rc == 124
+    assert results["quick"][0] == 0
+    row = health.http_row("backend /health", rc, "", 1, ms / 1000)
+    assert row.status == CRITICAL and row.detail == "no answer within 1s"
+
+
+def test_probes_run_side_by_side_not_one_after_another():
+    # Each probe records when it started; all start before any ends.
+    results = run_script([Probe(f"p{i}", f"p{i}", "date +%s%N; sleep 1; date +%s%N")
+                          for i in range(4)], timeout=10)
+    starts = [int(results[f"p{i}"][2].split()[0]) for i in range(4)]
+    ends = [int(results[f"p{i}"][2].split()[1]) for i in range(4)]
+    assert max(starts) < min(ends)
+
+
+def test_probe_ids_must_be_plain_names():
+    with pytest.raises(ValueError):
+        health.probe_script([Probe("a b; rm", "x", "true")], 1)
+
+
+def test_the_probes_cover_every_check_and_go_through_nginx_with_sni():
+    s = settings(publish={"bind": "0.0.0.0", "https": 8443}, health={"timeout_seconds": 3})
+    by_id = {p.id: p for p in health.probes(s)}
+    assert list(by_id) == ["frontend", "backend", "backend_deep", "grafana", "prometheus",
+                           "services", "cert_0", "cert_1", "disk"]
+    assert "--resolve maicivy.test:8443:127.0.0.1" in by_id["backend"].command
+    assert "https://maicivy.test:8443/health" in by_id["backend"].command
+    assert "https://maicivy.test:8443/health/deep" in by_id["backend_deep"].command
+    assert "https://grafana.maicivy.test:8443/api/health" in by_id["grafana"].command
+    assert "--max-time 4" in by_id["frontend"].command
+    assert "exec -T prometheus" in by_id["prometheus"].command
+    assert "-servername grafana.maicivy.test" in by_id["cert_1"].command
+
+
+def test_disk_thresholds_must_be_ordered():
+    with pytest.raises(ConfigError, match="health.disk_warn_percent must be at most"):
+        settings(health={"disk_warn_percent": 95, "disk_critical_percent": 90})
+
+
+# --- verdicts ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rc,output,status,detail", [
+    (0, '{"status":"ok"}\n200', OK, "HTTP 200"),
+    (0, "<html>\n301", OK, "HTTP 301"),
+    (0, '{"error":"bad gateway"}\n502', CRITICAL, "HTTP 502"),
+    (7, "curl: (7) Failed to connect to 127.0.0.1 port 9: Connection refused\n000", CRITICAL,
+     "unreachable: curl: (7) Failed to connect to 127.0.0.1 port 9: Connection refused"),
+    (28, "curl: (28) Operation timed out after 3001 milliseconds\n000", CRITICAL,
+     "no answer within 3s"),
+])
+def test_http_verdicts(rc, output, status, detail):
+    row = health.http_row("frontend", rc, output, 3, 0.1)
+    assert (row.status, row.detail) == (status, detail)
+
+
+def test_deep_health_failure_names_the_failing_dependency():
+    body = json.dumps({"status": "degraded", "checks": {
+        "postgres": {"status": "ok"},
+        "redis": {"status": "error", "error": "ConnectionRefusedError: refused"}}})
+    row = health.http_row("backend /health/deep", 0, body + "\n503", 3, 0.1)
+    assert row.status == CRITICAL
+    assert row.detail == "HTTP 503 (redis: ConnectionRefusedError: refused)"
+
+
+def ps_line(service, state="running", health_="healthy", code=0):
+    return json.dumps({"Service": service, "State": state, "Health": health_, "ExitCode": code})
+
+
+def test_service_rows_one_per_service_from_json_lines_or_an_array():
+    s = settings()
+    lines = [ps_line(x) for x in SERVICES if x != "backend"]
+    lines.append(ps_line("backend", "exited", "", 137))
+    rows = health.service_rows(s, 0, "\n".join(lines), 0.2)
+    assert [r.check for r in rows] == [f"service {x}" for x in SERVICES]
+    bad = {r.check: r.detail for r in rows if r.status != OK}
+    assert bad == {"service backend": "exited (exit code 137)"}
+    array = "[" + ",".join([ps_line(x) for x in SERVICES if x != "redis"]) + "]"
+    rows = {r.check: r for r in health.service_rows(s, 0, array, 0.2)}
+    assert rows["service redis"].status == CRITICAL
+    assert rows["service redis"].detail == "no container (not created)"
+
+
+def test_starting_is_a_warning_and_unhealthy_is_critical():
+    s = settings()
+    lines = [ps_line(x) for x in SERVICES if x not in ("grafana", "frontend")]
+    lines += [ps_line("grafana", health_="starting"), ps_line("frontend", health_="unhealthy")]
+    rows = {r.check: r.status for r in health.service_rows(s, 0, "\n".join(lines), 0.1)}
+    assert rows["service grafana"] == WARNING and rows["service frontend"] == CRITICAL
+
+
+X509 = """serial=0A1B
+issuer=CN=Pebble Intermediate CA 7afd1e
+subject=CN=maicivy.test
+notAfter=Dec 25 12:00:00 2026 GMT"""
+
+
+@pytest.mark.parametrize("now_days_before,status", [(60, OK), (20, WARNING), (5, CRITICAL)])
+def test_certificate_days_left_against_the_thresholds(now_days_before, status):
+    from datetime import UTC, datetime
+
+    expiry = datetime(2026, 12, 25, 12, tzinfo=UTC).timestamp()
+    row = health.cert_row(settings(), "maicivy.test", 0, X509,
+                          expiry - now_days_before * 86400, 5, 0.1)
+    assert row.status == status
+    assert row.detail.startswith(f"{now_days_before} days left (expires 2026-12-25, Pebble")
+
+
+def test_no_tls_answer_is_critical():
+    row = health.cert_row(settings(), "maicivy.test", 1, "", 0, 5, 0.1)
+    assert row.status == CRITICAL and row.detail.startswith("no TLS answer")
+
+
+DF = """@@path /var/lib/docker
+/dev/vda 264212084 23675692 82715220 23% /
+@@path /srv/maicivy
+/dev/vda 264212084 23675692 82715220 23% /
+@@path /var/backups/maicivy
+/dev/vdb 1000000 850000 150000 85% /var/backups
+@@docker /var/lib/docker"""
+
+
+def test_disk_rows_one_per_filesystem_with_thresholds():
+    s = settings(root="/srv/maicivy")
+    rows = health.disk_rows(s, 0, DF, 0.1)
+    assert [(r.check, r.status) for r in rows] == [("disk /", OK), ("disk /var/backups", WARNING)]
+    assert rows[0].detail == "23% used, 78.9 GiB free (docker data, stack)"
+    rows = health.disk_rows(settings(health={"disk_critical_percent": 80,
+                                            "disk_warn_percent": 20}), 0, DF, 0.1)
+    assert [r.status for r in rows] == [WARNING, CRITICAL]
+
+
+def test_disk_probe_runs_for_real_here():
+    s = settings(root="/tmp", backup={"dir": "/nonexistent-backups"})
+    probe = [p for p in health.probes(s) if p.id == "disk"]
+    results = run_script(probe, 20)
+    rows = health.disk_rows(s, *results["disk"][0:1], results["disk"][2], 0.1)
+    assert rows and all(r.check.startswith("disk /") for r in rows)
+    assert "stack" in " ".join(r.detail for r in rows)
+
+
+def test_overall_status_and_exit_codes():
+    rows = [health.Row("a", OK, ""), health.Row("b", WARNING, "")]
+    assert health.overall(rows) == WARNING and health.EXIT_CODES[WARNING] == 1
+    rows.append(health.Row("c", CRITICAL, ""))
+    assert health.overall(rows) == CRITICAL and health.EXIT_CODES[CRITICAL] == 2
+    assert health.overall(rows[:1]) == OK and health.EXIT_CODES[OK] == 0
+
+
+def test_table_is_coloured_only_when_asked_and_json_has_the_exit_code():
+    rows = [health.Row("frontend", OK, "HTTP 200", 0.05),
+            health.Row("backend /health", CRITICAL, "HTTP 502", 0.04)]
+    plain = health.format_table(rows)
+    assert "\033[" not in plain and plain.splitlines()[1].startswith("CRIT  backend /health")
+    assert "\033[31mCRIT" in health.format_table(rows, colour=True)
+    data = json.loads(health.as_json(rows, 0.3, "root@vps"))
+    assert data["status"] == CRITICAL and data["exit_code"] == 2
+    assert data["checks"][1] == {"check": "backend /health", "status": CRITICAL,
+                                 "detail": "HTTP 502", "seconds": 0.04}
+
+
+def test_a_probe_that_did_not_report_is_critical():
+    s = settings()
+    rows = health.evaluate(s, [Probe("prometheus", "prometheus", "true")], {})
+    assert rows[0].status == CRITICAL

@@ -1,0 +1,163 @@
+"""monitoring: install/rollback scripts and the Grafana reload (run for real, locally)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shlex
+import shutil
+import subprocess
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from fabfile import monitoring
+from fabfile.config import load_settings
+from fabfile.errors import OpsError
+
+
+def settings(**over):
+    return load_settings(environ={}, files=[], overrides=over)
+
+
+def test_the_monitoring_tree_is_prometheus_and_grafana_files_only():
+    files = monitoring.monitoring_files(settings())
+    assert set(files) == {
+        "monitoring/prometheus/prometheus.yml",
+        "monitoring/prometheus/alerts.yml",
+        "monitoring/grafana/provisioning/datasources/prometheus.yml",
+        "monitoring/grafana/provisioning/dashboards/dashboard.yml",
+        "monitoring/grafana/dashboards/maicivy_overview.json",
+    }
+    monitoring.lint(files)
+
+
+def test_lint_refuses_broken_yaml_or_json_before_anything_is_uploaded():
+    with pytest.raises(OpsError, match="rendered monitoring/prometheus/alerts.yml is not valid"):
+        monitoring.lint({"monitoring/prometheus/alerts.yml": b"groups: [\n"})
+    with pytest.raises(OpsError, match="maicivy_overview.json is not valid"):
+        monitoring.lint({"monitoring/grafana/dashboards/maicivy_overview.json": b"{"})
+
+
+def test_promtool_runs_from_the_stacks_own_image_without_network_on_a_read_only_copy():
+    s = settings(images={"prometheus": "127.0.0.1:5000/maicivy/prometheus:test"})
+    a = shlex.split(monitoring.promtool_command(s, "/opt/maicivy/monitoring/.staging/abc"))
+    assert a[:3] == ["docker", "run", "--rm"]
+    assert a[a.index("--network") + 1] == "none"
+    assert a[a.index("--entrypoint") + 1] == "promtool"
+    assert a[a.index("-v") + 1] == (
+        "/opt/maicivy/monitoring/.staging/abc/monitoring/prometheus:/candidate:ro")
+    assert a[-4:] == ["127.0.0.1:5000/maicivy/prometheus:test", "check", "config",
+                      "/candidate/prometheus.yml"]
+
+
+def test_promtool_reason_is_the_line_that_says_what_is_wrong(tmp_path):
+    if not shutil.which("promtool"):
+        pytest.fail("promtool not found: apt-get install prometheus (tests/install-deps.sh)")
+    (tmp_path / "prometheus.yml").write_text("global:\n  scrape_interval: 15s\n"
+                                             "rule_files: [alerts.yml]\n")
+    (tmp_path / "alerts.yml").write_text(
+        "groups:\n- name: x\n  rules:\n  - alert: X\n    expr: up{job=\n")
+    proc = subprocess.run(["promtool", "check", "config", str(tmp_path / "prometheus.yml")],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0
+    reason = monitoring.promtool_reason(proc.stdout + proc.stderr)
+    assert "FAILED" in reason and "\n" not in reason
+
+
+def test_install_keeps_the_previous_files_and_rollback_puts_them_back(tmp_path):
+    root = tmp_path / "srv"
+    s = settings(root=str(root))
+    live = root / "monitoring/prometheus"
+    live.mkdir(parents=True)
+    (live / "prometheus.yml").write_text("old config\n")
+    staging = root / "monitoring/.staging/t1"
+    for rel, text in (("monitoring/prometheus/prometheus.yml", "new config\n"),
+                      ("monitoring/grafana/dashboards/new.json", "{}\n")):
+        (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+        (staging / rel).write_text(text)
+    changed = ["monitoring/grafana/dashboards/new.json", "monitoring/prometheus/prometheus.yml"]
+    subprocess.run(["bash", "-c", monitoring.install_script(s, str(staging), changed)],
+                   check=True)
+    assert (live / "prometheus.yml").read_text() == "new config\n"
+    assert (root / "monitoring/grafana/dashboards/new.json").read_text() == "{}\n"
+    subprocess.run(["bash", "-c", monitoring.rollback_script(s, str(staging), changed)],
+                   check=True)
+    assert (live / "prometheus.yml").read_text() == "old config\n"
+    assert not (root / "monitoring/grafana/dashboards/new.json").exists()
+
+
+class _FakeGrafana(BaseHTTPRequestHandler):
+    seen: list = []
+
+    def do_POST(self):  # noqa: N802
+        auth = self.headers.get("Authorization", "")
+        user_pass = base64.b64decode(auth.split(" ", 1)[1]).decode() if auth else ""
+        type(self).seen.append((self.path, user_pass))
+        self.send_response(200 if user_pass else 401)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *args):
+        pass
+
+
+def test_grafana_reload_sends_basic_auth_from_the_environment_even_with_odd_characters():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeGrafana)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        _FakeGrafana.seen = []
+        script = monitoring.GRAFANA_RELOAD.replace("PORT", str(server.server_port))
+        password = 'p"a\\ss wo$rd'
+        proc = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=60,
+                              env={"PATH": "/usr/bin:/bin", "GF_SECURITY_ADMIN_USER": "boss",
+                                   "GF_SECURITY_ADMIN_PASSWORD": password})
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert proc.stdout.split("\n")[:2] == ["datasources 200", "dashboards 200"]
+        assert _FakeGrafana.seen == [
+            ("/api/admin/provisioning/datasources/reload", f"boss:{password}"),
+            ("/api/admin/provisioning/dashboards/reload", f"boss:{password}")]
+        assert password not in monitoring.grafana_reload_command(settings())
+    finally:
+        server.shutdown()
+
+
+TARGETS = {"status": "success", "data": {"activeTargets": [
+    {"labels": {"job": "node", "instance": "node-exporter:9100"}, "health": "up",
+     "lastError": "", "lastScrape": "2026-11-25T10:00:01.123Z"},
+    {"labels": {"job": "backend", "instance": "backend:8080"}, "health": "down",
+     "lastError": "Get \"http://backend:8080/metrics\": dial tcp: lookup backend: no such host",
+     "lastScrape": "2026-11-25T10:00:00.5Z"}]}}
+ALERTS = {"status": "success", "data": {"alerts": [
+    {"labels": {"alertname": "BackendDown", "severity": "critical"}, "state": "firing",
+     "annotations": {"summary": "Backend backend:8080 is down"},
+     "activeAt": "2026-11-25T09:58:59Z"}]}}
+
+
+def test_status_parses_targets_and_alerts_and_prints_them():
+    out = json.dumps(TARGETS) + "\n@@alerts\n" + json.dumps(ALERTS)
+    targets, alerts = monitoring.parse_status(out)
+    assert [(t.job, t.health) for t in targets] == [("backend", "down"), ("node", "up")]
+    assert alerts[0].name == "BackendDown" and alerts[0].state == "firing"
+    text = "\n".join(monitoring.format_status(targets, alerts))
+    assert "backend  backend:8080" in text and "no such host" in text
+    assert "FIRING" in text and "Backend backend:8080 is down" in text
+
+
+def test_status_without_an_answer_says_so():
+    with pytest.raises(OpsError, match="Prometheus did not answer"):
+        monitoring.parse_status("wget: can't connect to remote host")
+
+
+def test_status_command_queries_prometheus_inside_its_container():
+    cmd = monitoring.status_command(settings())
+    assert "exec -T prometheus" in cmd and "/api/v1/targets" in cmd and "/api/v1/alerts" in cmd
+
+
+def test_paths_used_by_push_are_all_under_the_stack_root(tmp_path):
+    s = settings(root=str(tmp_path))
+    for rel in monitoring.monitoring_files(s):
+        assert not Path(rel).is_absolute() and ".." not in rel

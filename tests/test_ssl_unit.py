@@ -1,0 +1,238 @@
+"""ssl: the certbot command lines, the deploy hook (run for real, locally), cert parsing."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from fabfile import ssl as tls
+from fabfile.config import load_settings
+from fabfile.errors import ConfigError, OpsError
+
+
+def settings(**over):
+    return load_settings(environ={}, files=[], overrides=over)
+
+
+def argv(command: str) -> list[str]:
+    return shlex.split(command)
+
+
+def make_cert(directory: Path, cn: str, days: int = 30) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:P-256", "-nodes", "-days", str(days), "-subj", f"/CN={cn}",
+                    "-keyout", str(directory / "privkey.pem"),
+                    "-out", str(directory / "fullchain.pem")], check=True, capture_output=True)
+
+
+# --- command lines ------------------------------------------------------------------
+
+
+def test_obtain_command_is_a_webroot_certonly_against_the_configured_server():
+    s = settings(tls={"acme_server": "https://127.0.0.1:14000/dir", "email": "ops@maicivy.test",
+                      "letsencrypt_dir": "/srv/le", "ca_bundle": "/srv/pebble.pem"})
+    a = argv(tls.obtain_command(s, "maicivy.example.com", ["maicivy.example.com"]))
+    assert a[:3] == ["env", "REQUESTS_CA_BUNDLE=/srv/pebble.pem", "certbot"]
+    assert a[3] == "certonly"
+    pairs = dict(zip(a, a[1:], strict=False))
+    assert pairs["--webroot-path"] == "/var/www/certbot"
+    assert pairs["--server"] == "https://127.0.0.1:14000/dir"
+    assert pairs["--cert-name"] == "maicivy.example.com"
+    assert pairs["--email"] == "ops@maicivy.test"
+    assert pairs["--config-dir"] == "/srv/le"
+    assert pairs["--work-dir"] == "/srv/le/work"
+    assert pairs["--logs-dir"] == "/srv/le/logs"
+    assert pairs["--deploy-hook"] == "/opt/maicivy/ssl/deploy-hook.sh"
+    assert {"--webroot", "--non-interactive", "--agree-tos", "--keep-until-expiring"} <= set(a)
+    assert "--force-renewal" not in a
+
+
+def test_obtain_without_email_registers_without_one_and_force_renews():
+    a = argv(tls.obtain_command(settings(), "x.example.com", ["x.example.com"], force=True))
+    assert a[0] == "certbot"
+    assert "--register-unsafely-without-email" in a and "--email" not in a
+    assert "--force-renewal" in a and "--keep-until-expiring" not in a
+
+
+def test_site_lineage_covers_the_api_name_and_grafana_has_its_own():
+    s = settings(domain="maicivy.example.com", api_domain="api.maicivy.example.com",
+                 grafana_domain="grafana.maicivy.example.com")
+    assert tls.lineages(s) == {
+        "maicivy.example.com": ["maicivy.example.com", "api.maicivy.example.com"],
+        "grafana.maicivy.example.com": ["grafana.maicivy.example.com"],
+    }
+    a = argv(tls.obtain_command(s, "maicivy.example.com", tls.lineages(s)["maicivy.example.com"]))
+    assert [a[i + 1] for i, x in enumerate(a) if x == "-d"] == [
+        "maicivy.example.com", "api.maicivy.example.com"]
+    assert tls.cert_names(s) == ["maicivy.example.com", "grafana.maicivy.example.com"]
+
+
+def test_staging_switches_lets_encrypt_to_its_staging_directory():
+    assert tls.acme_directory(settings(tls={"staging": True})) == tls.LE_STAGING
+    assert tls.acme_directory(settings()) == tls.LE_PRODUCTION
+
+
+def test_staging_with_another_ca_is_refused_with_what_to_do():
+    s = settings(tls={"staging": True, "acme_server": "https://acme.example.org/dir"})
+    with pytest.raises(OpsError, match="set maicivy.tls.acme_server to its staging directory"):
+        tls.acme_directory(s)
+
+
+def test_renew_command_passes_the_deploy_hook_and_forces_only_when_asked():
+    s = settings()
+    a = argv(tls.renew_command(s))
+    assert a[:2] == ["certbot", "renew"] and "--deploy-hook" in a
+    assert "--force-renewal" not in a
+    assert "--force-renewal" in argv(tls.renew_command(s, force=True))
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("acme_server", "http://acme.example.org/dir", "an https:// ACME directory URL"),
+    ("email", "not-an-address", "empty or an e-mail address"),
+    ("staging", "yes", "true or false"),
+    ("ca_bundle", "relative.pem", "empty or an absolute path"),
+    ("critical_days", 30, "smaller than maicivy.tls.warn_days"),
+])
+def test_bad_tls_settings_are_refused_naming_the_key(key, value, message):
+    with pytest.raises(ConfigError, match=f"maicivy.tls.{key} must be {message}"):
+        settings(tls={key: value})
+
+
+def test_certbot_error_keeps_the_lines_that_explain_the_failure():
+    out = """Saving debug log to /x/letsencrypt.log
+Requesting a certificate for maicivy.test
+Certbot failed to authenticate some domains (authenticator: webroot).
+  Domain: maicivy.test
+  Type:   connection
+  Detail: 127.0.0.1: Fetching http://maicivy.test/.well-known/acme-challenge/x: Connection refused
+Hint: The Certificate Authority failed to download the temporary challenge files.
+Some challenges have failed.
+Ask for help or search for solutions at https://community.letsencrypt.org. See the logfile
+"""
+    line = tls.certbot_error(out)
+    assert "Connection refused" in line and "\n" not in line
+    assert "Ask for help" not in line
+
+
+# --- the deploy hook, run for real on this machine ------------------------------------
+
+
+@pytest.fixture
+def hook_env(tmp_path):
+    root = tmp_path / "srv"
+    s = settings(root=str(root), compose_project="maicivyhooktest",
+                 tls={"letsencrypt_dir": str(tmp_path / "le")},
+                 domain="maicivy.test", grafana_domain="grafana.maicivy.test")
+    hook = Path(tls.hook_path(s))
+    hook.parent.mkdir(parents=True)
+    hook.write_text(tls.deploy_hook_script(s))
+    hook.chmod(0o755)
+    return s, tmp_path
+
+
+def run_hook(s, lineage: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([tls.hook_path(s)], env={**os.environ, "RENEWED_LINEAGE": str(lineage)},
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_deploy_hook_is_valid_bash():
+    proc = subprocess.run(["bash", "-n"], input=tls.deploy_hook_script(settings()),
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_deploy_hook_installs_a_lineage_for_nginx_with_a_private_key_mode(hook_env):
+    s, tmp = hook_env
+    lineage = tmp / "le" / "live" / "maicivy.test"
+    make_cert(lineage, "maicivy.test")
+    proc = run_hook(s, lineage)
+    assert proc.returncode == 0, proc.stderr
+    # no stack runs under that project name: installed, nginx left for its next start
+    assert "nginx is not running" in proc.stdout
+    dest = Path(tls.cert_dir(s, "maicivy.test"))
+    assert (dest / "fullchain.pem").read_bytes() == (lineage / "fullchain.pem").read_bytes()
+    assert (dest / "privkey.pem").read_bytes() == (lineage / "privkey.pem").read_bytes()
+    assert (dest / "privkey.pem").stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in dest.iterdir()) == ["fullchain.pem", "privkey.pem"]
+
+
+def test_deploy_hook_refuses_a_key_that_does_not_match_and_installs_nothing(hook_env):
+    s, tmp = hook_env
+    dest = Path(tls.cert_dir(s, "maicivy.test"))
+    make_cert(dest, "maicivy.test")
+    before = (dest / "fullchain.pem").read_bytes()
+    lineage = tmp / "le" / "live" / "maicivy.test"
+    make_cert(lineage, "maicivy.test")
+    other = tmp / "other"
+    make_cert(other, "other")
+    (lineage / "privkey.pem").write_bytes((other / "privkey.pem").read_bytes())
+    proc = run_hook(s, lineage)
+    assert proc.returncode == 1
+    assert "certificate and key do not match" in proc.stderr
+    assert (dest / "fullchain.pem").read_bytes() == before
+
+
+def test_deploy_hook_leaves_certificates_of_other_sites_alone(hook_env):
+    s, tmp = hook_env
+    lineage = tmp / "le" / "live" / "someone-else.example.org"
+    make_cert(lineage, "someone-else.example.org")
+    proc = run_hook(s, lineage)
+    assert proc.returncode == 0
+    assert "not a certificate of this stack" in proc.stdout
+    assert not Path(tls.cert_dir(s, "someone-else.example.org")).exists()
+
+
+# --- reading certificates ----------------------------------------------------------
+
+
+def test_file_probe_reads_issuer_expiry_and_days_left(tmp_path):
+    s = settings(root=str(tmp_path), domain="maicivy.test", grafana_domain="grafana.maicivy.test")
+    make_cert(Path(tls.cert_dir(s, "maicivy.test")), "maicivy.test", days=10)
+    out = subprocess.run(["bash", "-c", tls.file_cert_command(s, "maicivy.test")],
+                         capture_output=True, text=True, check=True).stdout
+    import time
+
+    info = tls.parse_x509("maicivy.test", "file", out, time.time())
+    assert info.error == ""
+    assert info.issuer == info.subject == "maicivy.test" and info.self_signed
+    assert 9 <= info.days_left <= 10
+    assert info.not_after.endswith("Z") and len(info.serial) > 8
+
+
+def test_probe_of_a_missing_certificate_and_of_a_silent_port_reports_errors(tmp_path):
+    s = settings(root=str(tmp_path), domain="maicivy.test", grafana_domain="grafana.maicivy.test",
+                 publish={"https": 9, "bind": "127.0.0.1"})
+    out = subprocess.run(["bash", "-c", tls.cert_probe_script(s)], capture_output=True,
+                         text=True, timeout=60).stdout
+    infos = tls.parse_cert_probe(out)
+    assert [(i.domain, i.source) for i in infos] == [
+        ("maicivy.test", "served"), ("maicivy.test", "file"),
+        ("grafana.maicivy.test", "served"), ("grafana.maicivy.test", "file")]
+    assert all(i.error for i in infos)
+    assert infos[0].error.startswith("no TLS answer") and infos[1].error.startswith(
+        "no certificate")
+    table = tls.format_status(infos)
+    assert table[0].split() == ["DOMAIN", "ISSUER", "EXPIRES", "(UTC)", "DAYS", "LEFT", "NOTE"]
+    assert "nginx: no TLS answer" in table[1]
+
+
+def test_status_table_flags_a_new_file_waiting_for_reload_and_self_signed_stand_ins():
+    served = tls.CertInfo("maicivy.test", "served", serial="01", issuer="maicivy.test",
+                          subject="maicivy.test", not_after="2026-12-25T00:00:00Z", days_left=30)
+    on_disk = tls.CertInfo("maicivy.test", "file", serial="02", issuer="Pebble Intermediate CA",
+                           subject="maicivy.test", not_after="2031-11-25T00:00:00Z",
+                           days_left=1826)
+    row = tls.format_status([served, on_disk])[1]
+    assert "maicivy.test" in row and " 30 " in row
+    assert "not loaded yet: reload nginx" in row and "self-signed stand-in" in row
+
+
+def test_local_address_uses_loopback_for_wildcard_binds():
+    assert tls.local_address(settings(publish={"bind": "0.0.0.0"})) == "127.0.0.1"
+    assert tls.local_address(settings(publish={"bind": "::"})) == "::1"
+    assert tls.local_address(settings(publish={"bind": "127.0.0.2"})) == "127.0.0.2"
