@@ -37,6 +37,8 @@ from .stack import compose
 OK, WARNING, CRITICAL = "ok", "warning", "critical"
 EXIT_CODES = {OK: 0, WARNING: 1, CRITICAL: 2}
 _ID = re.compile(r"^[a-z0-9_]+$")
+# One short line per container (compose's JSON lines carry every label: too long).
+PS_FORMAT = "@@ps {{.Service}}|{{.State}}|{{.Health}}|{{.ExitCode}}"
 
 
 class HealthUnknown(OpsError):
@@ -103,7 +105,7 @@ def probes(settings: Settings) -> list[Probe]:
         Probe("prometheus", "prometheus", compose(
             settings, "exec", "-T", "prometheus", "wget", "-q", "-O", "-",
             f"http://127.0.0.1:{settings.ports.prometheus}/-/ready")),
-        Probe("services", "services", compose(settings, "ps", "--all", "--format", "json")),
+        Probe("services", "services", compose(settings, "ps", "--all", "--format", PS_FORMAT)),
     ]
     for i, name in enumerate(cert_names(settings)):
         out.append(Probe(f"cert_{i}", f"certificate {name}",
@@ -213,22 +215,16 @@ def _grafana_ok(body: str) -> str:
 
 
 def service_rows(settings: Settings, rc: int, output: str, seconds: float) -> list[Row]:
-    """One row per compose service from ``compose ps --all --format json``."""
+    """One row per compose service from ``compose ps --all --format PS_FORMAT``."""
     if rc != 0:
         detail = ("docker compose did not answer in time" if _timed_out(rc, output)
                   else f"docker compose ps failed: {_last_line(output)}")
         return [Row(f"service {s}", CRITICAL, detail, seconds) for s in SERVICES]
     found: dict[str, dict] = {}
     for line in output.splitlines():
-        line = line.strip()
-        if not line.startswith(("{", "[")):
-            continue
-        try:
-            data = json.loads(line)
-        except ValueError:
-            continue
-        for item in data if isinstance(data, list) else [data]:
-            found[item.get("Service", "")] = item
+        if line.startswith("@@ps "):
+            service, state, health_, code = (line[5:].split("|") + ["", "", ""])[:4]
+            found[service] = {"State": state, "Health": health_, "ExitCode": code}
     rows = []
     for service in SERVICES:
         item = found.get(service)
