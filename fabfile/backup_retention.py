@@ -1,0 +1,123 @@
+"""Which backups to keep: a pure plan, computed only after a successful backup.
+
+Rules, in this order of strength:
+
+* only *verified* backups (a manifest saying so) count; a data file without
+  a manifest is not a backup and is removed as "incomplete";
+* the newest ``min_keep`` verified backups are always kept (so the newest good
+  one is never deleted);
+* backups younger than ``retention_days`` are kept;
+* optional tiers with restic's meaning: ``last`` keeps the n newest;
+  ``daily``/``weekly``/``monthly`` keep the newest backup of each of the last
+  n days/ISO weeks/months *that have a backup*.
+
+Everything else is deleted, each with the reason it goes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+
+@dataclass(frozen=True)
+class Backup:
+    """One backup as the retention plan sees it."""
+
+    name: str
+    kind: str
+    created: datetime
+    verified: bool = True
+    files: tuple[str, ...] = ()
+    size: int = 0
+
+
+@dataclass
+class Decision:
+    backup: Backup
+    keep: bool
+    reasons: list[str] = field(default_factory=list)
+
+    @property
+    def reason(self) -> str:
+        return "; ".join(self.reasons)
+
+
+TIERS = {
+    "daily": lambda t: t.strftime("%Y-%m-%d"),
+    "weekly": lambda t: f"{t.isocalendar()[0]:04d}-W{t.isocalendar()[1]:02d}",
+    "monthly": lambda t: t.strftime("%Y-%m"),
+}
+
+
+def plan(
+    backups: Iterable[Backup],
+    *,
+    now: datetime,
+    retention_days: int,
+    min_keep: int,
+    keep: Mapping[str, int] | None = None,
+) -> list[Decision]:
+    """Decide keep/delete for each backup (newest first), with reasons."""
+    keep = dict(keep or {})
+    if now.tzinfo is None:
+        now = now.replace(tzinfo=UTC)
+    items = sorted(backups, key=lambda b: (b.created, b.name), reverse=True)
+    decisions = {b.name: Decision(b, False) for b in items}
+    good = [b for b in items if b.verified]
+
+    for b in items:
+        if not b.verified:
+            decisions[b.name].reasons.append("incomplete (no manifest of a verified backup)")
+
+    for b in good[:min_keep]:
+        d = decisions[b.name]
+        d.keep = True
+        d.reasons.append(f"one of the newest {min_keep} (min_keep)")
+
+    horizon = now - timedelta(days=retention_days)
+    for b in good:
+        if b.created >= horizon:
+            d = decisions[b.name]
+            d.keep = True
+            d.reasons.append(f"younger than {retention_days} days")
+
+    for b in good[: keep.get("last", 0)]:
+        d = decisions[b.name]
+        d.keep = True
+        d.reasons.append(f"last {keep['last']}")
+
+    for tier, period in TIERS.items():
+        n = keep.get(tier, 0)
+        if n <= 0:
+            continue
+        seen: list[str] = []
+        for b in good:  # newest first: the first of each period is its newest
+            p = period(b.created.astimezone(UTC))
+            if p in seen:
+                continue
+            if len(seen) >= n:
+                break
+            seen.append(p)
+            d = decisions[b.name]
+            d.keep = True
+            d.reasons.append(f"{tier} {p}")
+
+    for b in good:
+        d = decisions[b.name]
+        if not d.keep:
+            d.reasons.append(
+                f"older than {retention_days} days and in no keep tier"
+            )
+    return [decisions[b.name] for b in items]
+
+
+def format_plan(decisions: Iterable[Decision]) -> list[str]:
+    """Human lines: ``keep   NAME  (reasons)`` / ``delete NAME  (reasons)``."""
+    lines = []
+    for d in decisions:
+        verb = "keep  " if d.keep else "delete"
+        when = d.backup.created.astimezone(UTC).strftime("%Y-%m-%d %H:%M")
+        lines.append(f"{verb} {d.backup.kind:<8} {d.backup.name:<34} {when}  ({d.reason})")
+    return lines

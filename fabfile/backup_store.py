@@ -1,0 +1,291 @@
+"""The backups on the server: manifests, listing, checks and metrics.
+
+A backup is complete only when its JSON manifest exists (written last); the
+manifest records the data file's sha256 and size, the tool and server
+versions, the per-table row counts (Postgres) or key count (Redis), the
+duration and the verification result.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from .backup_retention import Backup
+from .backup_shell import KINDS, NAME_RE, bash, kind_dir
+from .config import Settings
+from .errors import OpsError
+from .host import Host
+
+MANIFEST_FORMAT = 1
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def iso(ts: datetime) -> str:
+    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_iso(text: str) -> datetime:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+
+
+def manifest_json(manifest: Mapping) -> str:
+    return json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+
+
+@dataclass
+class Entry:
+    """A backup found on the server (complete or not)."""
+
+    kind: str
+    name: str
+    manifest: dict | None = None
+    files: dict[str, int] = field(default_factory=dict)  # file name -> size
+    directory: str | None = None  # None: the kind's directory under backup.dir
+
+    @property
+    def complete(self) -> bool:
+        m = self.manifest
+        return bool(m) and bool(m.get("verification", {}).get("ok")) and m.get("file") in self.files
+
+    @property
+    def created(self) -> datetime:
+        if self.manifest and self.manifest.get("created_at"):
+            return parse_iso(self.manifest["created_at"])
+        # "postgres-20261125T030000Z[-2]"
+        stamp = self.name.split("-")[1]
+        return datetime.strptime(stamp, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+
+    @property
+    def size(self) -> int:
+        if self.manifest:
+            return int(self.manifest.get("size", 0))
+        return sum(self.files.values())
+
+    def dir(self, settings: Settings) -> str:
+        return self.directory or kind_dir(settings, self.kind)
+
+    def data_path(self, settings: Settings) -> str:
+        return f"{self.dir(settings)}/{(self.manifest or {}).get('file')}"
+
+    def paths(self, settings: Settings) -> list[str]:
+        d = self.dir(settings)
+        return [f"{d}/{f}" for f in sorted(self.files)]
+
+    def as_backup(self) -> Backup:
+        return Backup(self.name, self.kind, self.created, self.complete,
+                      tuple(sorted(self.files)), self.size)
+
+
+def listing_command(settings: Settings) -> str:
+    """One round trip: every file of every kind, and every manifest's content."""
+    dirs = " ".join(shlex.quote(kind_dir(settings, k)) for k in KINDS)
+    return bash(
+        f"for d in {dirs}; do [ -d \"$d\" ] || continue; "
+        "k=${d##*/}; "
+        "find \"$d\" -maxdepth 1 -type f -printf \"file\\t$k\\t%f\\t%s\\n\"; "
+        "for m in \"$d\"/*.json; do [ -f \"$m\" ] || continue; "
+        "printf 'manifest\\t%s\\t%s\\t' \"$k\" \"${m##*/}\"; tr -d '\\n' < \"$m\"; echo; done; "
+        "done"
+    )
+
+
+def name_of(filename: str) -> str | None:
+    """The backup name a file belongs to (``None`` for foreign files)."""
+    base = filename.lstrip(".")
+    if base.endswith(".partial"):
+        base = base[: -len(".partial")]
+    name = base.split(".", 1)[0]
+    return name if NAME_RE.match(name) else None
+
+
+def parse_listing(text: str) -> dict[str, list[Entry]]:
+    """``{kind: [Entry...]}`` newest first, from :func:`listing_command` output."""
+    entries: dict[tuple[str, str], Entry] = {}
+    for line in text.splitlines():
+        parts = line.split("\t", 3)
+        if parts[0] == "file" and len(parts) == 4:
+            _, kind, fname, size = parts
+            name = name_of(fname)
+            if name is None or not name.startswith(kind + "-"):
+                continue
+            e = entries.setdefault((kind, name), Entry(kind, name))
+            e.files[fname] = int(size)
+        elif parts[0] == "manifest" and len(parts) == 4:
+            _, kind, fname, body = parts
+            name = name_of(fname)
+            if name is None:
+                continue
+            e = entries.setdefault((kind, name), Entry(kind, name))
+            try:
+                data = json.loads(body)
+            except ValueError:
+                data = None  # unreadable manifest: not a backup
+            e.manifest = data if isinstance(data, dict) else None
+    out: dict[str, list[Entry]] = {k: [] for k in KINDS}
+    for (kind, _), e in entries.items():
+        out.setdefault(kind, []).append(e)
+    for kind in out:
+        out[kind].sort(key=lambda e: (e.created, e.name), reverse=True)
+    return out
+
+
+def list_backups(host: Host, settings: Settings) -> dict[str, list[Entry]]:
+    r = host.check(listing_command(settings), sudo=True, warn=False)
+    return parse_listing(r.stdout)
+
+
+def newest_complete(entries: Iterable[Entry]) -> Entry | None:
+    for e in entries:
+        if e.complete:
+            return e
+    return None
+
+
+def find_entry(entries: Mapping[str, list[Entry]], ref: str, kind: str) -> Entry:
+    """A backup by name (``postgres-2026...``), file name or path; latest if empty."""
+    mine = entries.get(kind, [])
+    if not ref or ref == "latest":
+        e = newest_complete(mine)
+        if e is None:
+            raise OpsError(f"there is no verified {kind} backup on the server; "
+                           f"run backup.{kind} first or pass --backup")
+        return e
+    base = ref.rstrip("/").rsplit("/", 1)[-1]
+    name = name_of(base) or base
+    for e in mine:
+        if e.name == name:
+            if not e.complete:
+                raise OpsError(f"{name} is not a complete, verified backup (no valid "
+                               "manifest); pick another one (see backup.list)")
+            return e
+    raise OpsError(f"no {kind} backup named {name} on the server; see backup.list")
+
+
+# --- checks -----------------------------------------------------------------------
+
+
+def check_problems(
+    kind: str,
+    entries: list[Entry],
+    *,
+    now: datetime,
+    max_age_hours: float,
+    min_size_bytes: int,
+    max_shrink_percent: int,
+) -> list[str]:
+    """What is wrong with the newest verified backup of ``kind`` (empty: all good)."""
+    complete = [e for e in entries if e.complete]
+    if not complete:
+        return [f"{kind}: no verified backup at all"]
+    newest = complete[0]
+    problems = []
+    age_h = (now - newest.created).total_seconds() / 3600
+    if age_h > max_age_hours:
+        problems.append(f"{kind}: newest verified backup {newest.name} is {age_h:.1f} h old "
+                        f"(more than {max_age_hours} h)")
+    if newest.size < min_size_bytes:
+        problems.append(f"{kind}: newest backup {newest.name} is only {newest.size} bytes "
+                        f"(less than {min_size_bytes})")
+    if len(complete) > 1 and max_shrink_percent > 0:
+        previous = complete[1].size
+        if previous > 0 and newest.size < previous * (100 - max_shrink_percent) / 100:
+            problems.append(
+                f"{kind}: newest backup {newest.name} ({newest.size} bytes) is more than "
+                f"{max_shrink_percent}% smaller than the one before ({previous} bytes)")
+    return problems
+
+
+# --- metrics ----------------------------------------------------------------------
+
+METRICS = {
+    "maicivy_backup_last_success_timestamp_seconds":
+        "Unix time of the last verified backup (0: never).",
+    "maicivy_backup_last_run_timestamp_seconds": "Unix time the last backup run ended.",
+    "maicivy_backup_last_duration_seconds": "Duration of the last backup run.",
+    "maicivy_backup_last_size_bytes": "Size of the last verified backup file.",
+    "maicivy_backup_last_result": "1 if the last backup run succeeded, 0 if it failed.",
+    "maicivy_backup_offsite_last_success_timestamp_seconds":
+        "Unix time of the last verified off-site copy (0: never or not configured).",
+}
+
+
+def metrics_file(settings: Settings, kind: str) -> str:
+    return f"{settings.backup.textfile_dir.rstrip('/')}/maicivy_backup_{kind}.prom"
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """``{metric name: value}`` of a textfile written by :func:`metrics_text`."""
+    out = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name_labels, _, value = line.rpartition(" ")
+        name = name_labels.split("{", 1)[0]
+        try:
+            out[name] = float(value)
+        except ValueError:
+            continue
+    return out
+
+
+def metrics_text(kind: str, values: Mapping[str, float]) -> str:
+    """Prometheus text format for node-exporter's textfile collector."""
+    lines = []
+    for name, help_text in METRICS.items():
+        if name not in values:
+            continue
+        lines.append(f"# HELP {name} {help_text}")
+        lines.append(f"# TYPE {name} gauge")
+        value = values[name]
+        text = str(int(value)) if float(value).is_integer() else f"{value:.3f}"
+        lines.append(f'{name}{{kind="{kind}"}} {text}')
+    return "\n".join(lines) + "\n"
+
+
+def next_metrics(
+    previous: Mapping[str, float],
+    *,
+    ok: bool,
+    ended: float,
+    duration: float,
+    size: int | None,
+    offsite_ok: bool | None = None,
+) -> dict[str, float]:
+    """The values after a run: success fields move only when the run succeeded."""
+    values = {
+        "maicivy_backup_last_success_timestamp_seconds":
+            previous.get("maicivy_backup_last_success_timestamp_seconds", 0),
+        "maicivy_backup_last_size_bytes": previous.get("maicivy_backup_last_size_bytes", 0),
+        "maicivy_backup_offsite_last_success_timestamp_seconds":
+            previous.get("maicivy_backup_offsite_last_success_timestamp_seconds", 0),
+    }
+    if ok:
+        values["maicivy_backup_last_success_timestamp_seconds"] = round(ended)
+        if size is not None:
+            values["maicivy_backup_last_size_bytes"] = size
+    if offsite_ok:
+        values["maicivy_backup_offsite_last_success_timestamp_seconds"] = round(ended)
+    values["maicivy_backup_last_run_timestamp_seconds"] = round(ended)
+    values["maicivy_backup_last_duration_seconds"] = round(duration, 3)
+    values["maicivy_backup_last_result"] = 1 if ok and offsite_ok is not False else 0
+    return values
+
+
+def write_metrics(host: Host, settings: Settings, kind: str, **run) -> dict[str, float]:
+    """Update ``maicivy_backup_<kind>.prom`` atomically (temp file + rename)."""
+    path = metrics_file(settings, kind)
+    previous: dict[str, float] = {}
+    r = host.check(f"cat {shlex.quote(path)}", sudo=True)
+    if r.ok:
+        previous = parse_metrics(r.stdout)
+    values = next_metrics(previous, **run)
+    host.run(f"mkdir -p {shlex.quote(settings.backup.textfile_dir)}", sudo=True)
+    host.write_file(path, metrics_text(kind, values), mode=0o644, sudo=True)
+    return values

@@ -1,0 +1,402 @@
+"""Restores that check before they touch anything, and never lose the current data.
+
+Order of a restore: find the backup (name, file on the server, or s3:// URL,
+fetched into backup.dir first); verify it (sha256 against its manifest and a
+full read); ask for confirmation; take a verified safety backup of what is
+there now; then restore *next to* the live data, check it, and only then swap
+it in. If anything fails before the swap, the live data was never touched; if
+the swap itself fails, the original is put back.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import time
+from datetime import UTC, datetime
+
+from invoke import Collection
+
+from . import backup_s3 as s3mod
+from .backup import (
+    check_archive,
+    count_differences,
+    drop_database,
+    restore_into,
+    run_backup,
+    table_counts,
+)
+from .backup_lock import server_lock
+from .backup_shell import HEADER as SH_HEADER
+from .backup_shell import (
+    REDIS_ENV,
+    REDIS_INSTALL_SH,
+    REDIS_ROLLBACK_SH,
+    allow_connections_sql,
+    bash,
+    exec_in,
+    failure_line,
+    kind_dir,
+    lock_path,
+    psql_script,
+    q,
+    redis_oneoff,
+    swap_databases_sql,
+)
+from .backup_store import Entry, find_entry, list_backups, manifest_json, name_of
+from .config import Settings
+from .core import host_for, ops_task, settings_for
+from .errors import OpsError
+from .host import Host
+from .stack import compose, read_env
+
+
+def _stamp() -> str:
+    return datetime.now(UTC).strftime("%Y%m%d%H%M%S")
+
+
+# --- finding and fetching the backup ------------------------------------------------
+
+
+def resolve(host: Host, settings: Settings, ref: str, kind: str) -> Entry:
+    """The backup ``ref`` names: latest, a name, a file or path on the server, s3://..."""
+    if ref.startswith("s3://"):
+        return fetch_from_s3(host, settings, ref, kind)
+    if ref.startswith("/") and not ref.startswith(kind_dir(settings, kind) + "/"):
+        return _entry_at_path(host, settings, ref, kind)
+    return find_entry(list_backups(host, settings), ref, kind)
+
+
+def _entry_at_path(host: Host, settings: Settings, path: str, kind: str) -> Entry:
+    directory, _, fname = path.rpartition("/")
+    name = name_of(fname)
+    if name is None or not name.startswith(kind + "-"):
+        raise OpsError(f"{path} is not a {kind} backup file (expected {kind}-<time>.*)")
+    manifest_file = f"{directory}/{name}.json"
+    r = host.check(f"cat -- {shlex.quote(manifest_file)}", sudo=True)
+    if r.failed:
+        raise OpsError(f"{manifest_file} is missing: without its manifest the archive cannot "
+                       "be checked; copy the .json next to it")
+    try:
+        manifest = json.loads(r.stdout)
+    except ValueError as exc:
+        raise OpsError(f"{manifest_file} is not valid JSON; refusing to use {path}") from exc
+    return Entry(kind, name, manifest, {manifest.get("file", fname): 0}, directory=directory)
+
+
+def fetch_from_s3(host: Host, settings: Settings, ref: str, kind: str) -> Entry:
+    """Download a backup (manifest first) from S3 into backup.dir, checking its sha256."""
+    bucket, key = s3mod.parse_url(ref)
+    prefix, _, fname = key.rpartition("/")
+    name = name_of(fname)
+    if name is None or not name.startswith(kind + "-"):
+        raise OpsError(f"{ref} is not a {kind} backup (expected .../{kind}-<time>.*)")
+    s3 = s3mod.client(settings, read_env(host, settings))
+    base = f"{prefix}/" if prefix else ""
+    try:
+        manifest = json.loads(s3mod.get_small(s3, bucket, f"{base}{name}.json"))
+    except ValueError as exc:
+        raise OpsError(f"the manifest of {ref} is not valid JSON") from exc
+    local = {e.name: e for e in list_backups(host, settings).get(kind, [])}
+    if name in local and local[name].complete and \
+            local[name].manifest.get("sha256") == manifest.get("sha256"):
+        host.say(f"{name} is already on the server")
+        return local[name]
+    d = kind_dir(settings, kind)
+    files = [(manifest["file"], manifest["sha256"])]
+    if manifest.get("globals"):
+        files.append((manifest["globals"]["file"], manifest["globals"]["sha256"]))
+    with server_lock(host, lock_path(settings, kind), wait=settings.backup.lock_wait_seconds,
+                     task="restore (fetch from s3)"):
+        host.run(f"install -d -m 700 -- {q(settings.backup.dir)} {q(d)}", sudo=True)
+        for f, sha in files:
+            tmp = f"{d}/.{f}.partial"
+            writer = s3mod.ServerWriter(host, tmp)
+            try:
+                _, got = s3mod.download(s3, bucket, f"{base}{f}", writer)
+                writer.close()
+            except BaseException:
+                host.run(f"rm -f -- {q(tmp)}", sudo=True, warn=True)
+                raise
+            if got != sha:
+                host.run(f"rm -f -- {q(tmp)}", sudo=True, warn=True)
+                raise OpsError(f"s3://{bucket}/{base}{f} does not match its manifest "
+                               "(sha256 differs); refusing to use it")
+            host.run(f"mv -f -- {q(tmp)} {q(d + '/' + f)}", sudo=True)
+        manifest = {**manifest, "fetched_from": ref}
+        host.write_file(f"{d}/{name}.json", manifest_json(manifest), mode=0o600, sudo=True)
+    host.say(f"fetched {name} from s3://{bucket}/{base}")
+    return find_entry(list_backups(host, settings), name, kind)
+
+
+# --- confirmation -----------------------------------------------------------------
+
+
+def confirm(what: str, expected: str, yes: bool, stdin=None, out=None) -> None:
+    """Ask the user to type ``expected``; ``--yes`` skips; no terminal and no --yes refuses."""
+    if yes:
+        return
+    stdin = stdin or sys.stdin
+    out = out or sys.stdout
+    if stdin is None or not stdin.isatty():
+        raise OpsError(f"refusing to {what} without confirmation: there is no terminal to ask "
+                       "on; pass --yes to confirm non-interactively")
+    print(f"This will {what}.\nType {expected!r} to confirm: ", end="", file=out, flush=True)
+    answer = stdin.readline().strip()
+    if answer != expected:
+        raise OpsError(f"confirmation did not match ({expected!r} expected); nothing was changed")
+
+
+# --- services ---------------------------------------------------------------------
+
+
+def _running(host: Host, settings: Settings, service: str) -> bool:
+    r = host.check(compose(settings, "ps", "--status", "running", "-q", service), sudo=True)
+    return r.ok and bool(r.stdout.strip())
+
+
+def _stop(host: Host, settings: Settings, service: str) -> None:
+    host.run(compose(settings, "stop", service), sudo=True, timeout=180)
+
+
+def _start(host: Host, settings: Settings, service: str) -> None:
+    host.run(compose(settings, "start", service), sudo=True, timeout=180)
+
+
+# --- postgres ---------------------------------------------------------------------
+
+
+def _psql(host: Host, settings: Settings, sql: str, **variables) -> str:
+    r = host.run(psql_script(settings, sql, "postgres", **variables), sudo=True, warn=True)
+    if r.failed:
+        raise OpsError(failure_line(r.stderr, r.stdout))
+    return r.stdout
+
+
+def restore_postgres(host: Host, settings: Settings, entry: Entry, *, safety_backup: bool = True,
+                     keep_old: bool = False) -> dict:
+    """Restore ``entry`` (already checked and confirmed) in place of the live database."""
+    m = entry.manifest
+    database = m.get("database") or read_env(host, settings).get("POSTGRES_DB", "")
+    if not database:
+        raise OpsError("cannot tell which database to replace (no name in the manifest "
+                       "and no POSTGRES_DB in .env)")
+    stamp = _stamp()
+    new, old = f"{database}_restore_{stamp}", f"{database}_pre_restore_{stamp}"
+    with server_lock(host, lock_path(settings, "postgres"),
+                     wait=settings.backup.lock_wait_seconds, task="restore.postgres"):
+        if safety_backup:
+            safety = run_backup(host, settings, "postgres", reason="pre-restore", offsite=False,
+                                prune=False, lock=False)
+            host.say(f"safety backup of the current database: {safety['name']}")
+        restore_into(host, settings, entry, new)
+        try:
+            got = table_counts(host, settings, new)
+            diff = count_differences(m["tables"], got)
+            if diff:
+                raise OpsError(f"{entry.name} restored with different row counts: "
+                               + "; ".join(diff) + "; the live database was not touched")
+        except BaseException:
+            drop_database(host, settings, new)
+            raise
+        backend = _running(host, settings, "backend")
+        if backend:
+            _stop(host, settings, "backend")
+        try:
+            try:
+                _psql(host, settings, swap_databases_sql(), db=database, new=new, old=old)
+            except OpsError as exc:
+                drop_database(host, settings, new)
+                raise OpsError(f"swapping in the restored database failed ({exc}); "
+                               f"{database} is unchanged") from exc
+            finally:
+                # Whatever is named ``database`` now must accept connections.
+                _psql(host, settings, allow_connections_sql(), db=database)
+            after = table_counts(host, settings, database)
+            diff = count_differences(m["tables"], after)
+            if diff:
+                raise OpsError(f"{database} has unexpected row counts after the swap: "
+                               + "; ".join(diff) + f"; the previous database is kept as {old}")
+        finally:
+            if backend:
+                _start(host, settings, "backend")
+        if keep_old:
+            host.say(f"the previous database is kept as {old} (connections disabled); drop "
+                     "it when you no longer need it")
+        else:
+            drop_database(host, settings, old)
+    host.say(f"restored {entry.name} into {database}: {len(after)} tables, "
+             f"{sum(after.values())} rows, counts match the backup")
+    return {"database": database, "tables": after, "old": old if keep_old else None}
+
+
+@ops_task(help={
+    "backup": "backup name, file on the server, or s3://bucket/key (default: latest)",
+    "yes": "do not ask for confirmation (for automation)",
+    "safety_backup": "back up the current database first (default: yes)",
+    "keep_old": "keep the replaced database (renamed, connections disabled)",
+})
+def postgres(c, backup="", yes=False, safety_backup=True, keep_old=False):
+    """Replace the live Postgres database with a backup, safely.
+
+    Verifies the archive first (sha256 against its manifest, full read) and
+    refuses before touching anything if it is not good. Asks you to type the
+    database name (--yes to skip; without a terminal and without --yes it
+    refuses). Takes a verified safety backup of the current database,
+    restores into a new database, compares row counts with the manifest,
+    then stops the backend, swaps the new database in place of the old one
+    (one transaction) and starts the backend again. If anything fails, the
+    original database is still there and serving.
+    """
+    settings = settings_for(c)
+    host = host_for(c, settings)
+    entry = resolve(host, settings, backup, "postgres")
+    check_archive(host, settings, entry)
+    host.say(f"{entry.name}: checksum and full read ok "
+             f"({len(entry.manifest['tables'])} tables, {entry.manifest['rows']} rows)")
+    database = entry.manifest.get("database") or "the database"
+    confirm(f"replace database {database} on {host.name} with backup {entry.name}",
+            database, yes)
+    restore_postgres(host, settings, entry, safety_backup=safety_backup, keep_old=keep_old)
+
+
+# --- redis ------------------------------------------------------------------------
+
+WAIT_REDIS_SH = REDIS_ENV + r"""
+timeout="$1"; start=$(date +%s)
+while :; do
+  if [ "$(redis-cli PING 2>/dev/null | tr -d '\r')" = PONG ] &&
+     redis-cli INFO persistence 2>/dev/null | grep -q '^loading:0'; then
+    break
+  fi
+  [ $(( $(date +%s) - start )) -lt "$timeout" ] || {
+    echo "FAILED: redis did not come back within ${timeout}s" >&2; exit 1; }
+  sleep 0.2
+done
+keys=$(redis-cli INFO keyspace | tr -d '\r' | sed -n 's/^db[0-9]*:keys=\([0-9]*\).*/\1/p')
+echo "keys=$(echo "$keys" | awk '{s+=$1} END {print s+0}')"
+"""
+
+
+def _wait_redis(host: Host, settings: Settings, timeout: int = 120) -> int:
+    """Wait until redis answers and has loaded its data; its key count."""
+    deadline = time.monotonic() + timeout
+    while True:
+        r = host.check(exec_in(settings, "redis", WAIT_REDIS_SH, str(timeout)), sudo=True)
+        if r.ok:
+            for line in r.stdout.splitlines():
+                if line.startswith("keys="):
+                    return int(line[5:])
+        if time.monotonic() > deadline:
+            raise OpsError(f"redis did not come back: {failure_line(r.stderr, r.stdout)}")
+        time.sleep(0.5)
+
+
+def install_rdb_script(settings: Settings, entry: Entry, aside: str) -> str:
+    m = entry.manifest
+    directory, _, dbfile = (m.get("rdb_path") or "/data/dump.rdb").rpartition("/")
+    aof = "yes" if m.get("aof") == "yes" else "no"
+    aofdir = m.get("appenddirname") or "appendonlydir"
+    run = redis_oneoff(settings, REDIS_INSTALL_SH, directory or "/", aside, dbfile, aof, aofdir)
+    return (
+        SH_HEADER
+        + f"archive={q(entry.data_path(settings))}\n"
+        + 'case "$archive" in *.zst) D=(zstd -q -d -c) ;; *) D=(gzip -d -c) ;; esac\n'
+        + "set +e\n"
+        + f'"${{D[@]}}" < "$archive" | {run}\n'
+        + 'st=("${PIPESTATUS[@]}")\nset -e\n'
+        + '[ "${st[0]}" = 0 ] || fail "the archive does not decompress"\n'
+        + '[ "${st[1]}" = 0 ] || fail "installing the RDB into the redis volume failed"\n'
+    )
+
+
+def rollback_rdb_script(settings: Settings, entry: Entry, aside: str) -> str:
+    m = entry.manifest
+    directory, _, dbfile = (m.get("rdb_path") or "/data/dump.rdb").rpartition("/")
+    aofdir = m.get("appenddirname") or "appendonlydir"
+    return redis_oneoff(settings, REDIS_ROLLBACK_SH, directory or "/", aside, dbfile, aofdir)
+
+
+def restore_redis(host: Host, settings: Settings, entry: Entry, *, safety_backup: bool = True,
+                  keep_old: bool = False) -> int:
+    """Put ``entry``'s RDB in place of Redis' data (already checked and confirmed)."""
+    m = entry.manifest
+    aside = f"maicivy-pre-restore-{_stamp()}"
+    directory = (m.get("rdb_path") or "/data/dump.rdb").rpartition("/")[0] or "/"
+    low = int(m.get("keys", 0)) - int(m.get("expires", 0))
+    high = int(m.get("keys", 0))
+    with server_lock(host, lock_path(settings, "redis"),
+                     wait=settings.backup.lock_wait_seconds, task="restore.redis"):
+        if safety_backup:
+            safety = run_backup(host, settings, "redis", reason="pre-restore", offsite=False,
+                                prune=False, lock=False)
+            host.say(f"safety backup of the current data: {safety['name']}")
+        backend = _running(host, settings, "backend")
+        if backend:
+            _stop(host, settings, "backend")
+        try:
+            _stop(host, settings, "redis")
+            installed = False
+            try:
+                r = host.run(bash(install_rdb_script(settings, entry, aside)), sudo=True,
+                             warn=True, timeout=600)
+                installed = "installed" in r.stdout
+                if r.failed or not installed:
+                    raise OpsError(f"installing the RDB failed: "
+                                   f"{failure_line(r.stderr, r.stdout)}")
+                _start(host, settings, "redis")
+                keys = _wait_redis(host, settings)
+                if not low <= keys <= high:
+                    raise OpsError(f"redis loaded {keys} keys, the backup has {high}"
+                                   + (f" ({m.get('expires')} with a TTL)" if low != high else ""))
+            except BaseException as exc:
+                host.say(f"restore failed ({exc}); putting the previous data back")
+                host.run(compose(settings, "stop", "redis"), sudo=True, warn=True, timeout=180)
+                host.run(rollback_rdb_script(settings, entry, aside), sudo=True, warn=True,
+                         timeout=600)
+                host.run(compose(settings, "start", "redis"), sudo=True, warn=True, timeout=180)
+                raise
+            if not keep_old:
+                host.run(exec_in(settings, "redis", 'rm -rf -- "$1/$2"', directory, aside),
+                         sudo=True, warn=True)
+            else:
+                host.say(f"the previous data files are kept in {directory}/{aside} "
+                         "inside the redis volume")
+        finally:
+            if backend:
+                _start(host, settings, "backend")
+    host.say(f"restored {entry.name} into redis: {keys} keys, as recorded in the backup")
+    return keys
+
+
+@ops_task(help={
+    "backup": "backup name, file on the server, or s3://bucket/key (default: latest)",
+    "yes": "do not ask for confirmation (for automation)",
+    "safety_backup": "back up the current data first (default: yes)",
+    "keep_old": "keep the replaced data files in the redis volume",
+})
+def redis(c, backup="", yes=False, safety_backup=True, keep_old=False):
+    """Replace Redis' data with a backup, safely.
+
+    Verifies the archive first (sha256 against its manifest, redis-check-rdb,
+    key count) and refuses before touching anything if it is not good. Asks
+    you to type "redis" (--yes to skip; no terminal and no --yes refuses).
+    Takes a safety backup, stops the backend and redis, puts the RDB in the
+    volume (as dump.rdb and, since the stack runs with appendonly yes, as the
+    base of a fresh AOF, because Redis loads the AOF and ignores the RDB when
+    AOF is on), starts redis and checks its key count against the manifest.
+    If redis does not come back right, the previous files are put back.
+    """
+    settings = settings_for(c)
+    host = host_for(c, settings)
+    entry = resolve(host, settings, backup, "redis")
+    check_archive(host, settings, entry)
+    host.say(f"{entry.name}: checksum and redis-check-rdb ok ({entry.manifest['keys']} keys)")
+    confirm(f"replace all redis data on {host.name} with backup {entry.name}", "redis", yes)
+    restore_redis(host, settings, entry, safety_backup=safety_backup, keep_old=keep_old)
+
+
+ns = Collection("restore")
+ns.add_task(postgres)
+ns.add_task(redis)
