@@ -192,7 +192,7 @@ def _pre_deploy_backup(host: Host, settings: Settings, plan: Plan):
     except ImportError:
         host.say("pre-deploy backup: skipped (the backup namespace is not installed)")
         return None
-    manifest = backup_postgres(host, settings)
+    manifest = backup_postgres(host, settings, reason="pre-deploy")
     where = (manifest or {}).get("path") or (manifest or {}).get("file") or ""
     host.say(f"pre-deploy backup: done {where}".rstrip())
     return manifest

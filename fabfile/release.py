@@ -337,13 +337,33 @@ def swap_cmd(settings: Settings, old: Iterable[Container], grace: int = 30) -> s
     """Let nginx see the new container, retire the old ones, then reload again.
 
     nginx resolves ``backend`` at reload: first to old + new, so that requests
-    keep flowing while the old container stops (nginx retries the other
-    replica on errors: ``proxy_next_upstream``); then to the new one only.
+    keep flowing while the old container drains and stops (it refuses new
+    connections at once and nginx retries the other replica:
+    ``proxy_next_upstream``); as soon as it has stopped, to the new one only
+    (the old address would no longer answer at all). Old containers that are
+    not healthy (a failed release being rolled back) are removed *before*
+    that first reload, so nginx never sends them a request.
     """
-    ids = " ".join(shlex.quote(c.id) for c in old)
-    reload = nginx_reload_cmd(settings)
-    return (f"set -e; {reload}; sleep 1; docker stop -t {int(grace)} {ids} >/dev/null; "
-            f"docker rm -f {ids} >/dev/null; {reload}")
+    old = list(old)
+    sick = " ".join(shlex.quote(c.id) for c in old if c.health not in ("healthy", ""))
+    fine = " ".join(shlex.quote(c.id) for c in old if c.health in ("healthy", ""))
+    nginx = compose(settings, "ps", "-q", "nginx")
+    lines = [
+        "set -e",
+        f"N=$({nginx})",
+        'reload() { docker exec "$N" nginx -t -q && docker exec "$N" nginx -s reload; }',
+    ]
+    if sick:
+        lines.append(f"docker rm -f {sick} >/dev/null")
+    lines.append("reload")
+    if fine:
+        lines += [
+            "sleep 1",
+            f"docker stop -t {int(grace)} {fine} >/dev/null",
+            "reload",
+            f"docker rm -f {fine} >/dev/null",
+        ]
+    return "\n".join(lines)
 
 
 def remove_cmd(old: Iterable[Container]) -> str:

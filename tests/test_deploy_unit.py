@@ -161,10 +161,16 @@ def test_plan_script_pulls_only_when_asked():
 def test_swap_reloads_nginx_before_and_after_retiring_the_old_container():
     s = settings()
     old = [Container("abc", "/p-backend-1", "backend", "h", "i", "r", "running", "healthy")]
-    cmd = swap_cmd(s, old)
-    first, stop, last = cmd.index("nginx -s reload"), cmd.index("docker stop"), \
-        cmd.rindex("nginx -s reload")
-    assert first < stop < last
+    lines = swap_cmd(s, old).splitlines()
+    assert lines[3:] == ["reload", "sleep 1", "docker stop -t 30 abc >/dev/null", "reload",
+                         "docker rm -f abc >/dev/null"]
+    assert "nginx -s reload" in lines[2]
+
+
+def test_swap_removes_an_unhealthy_container_before_nginx_can_see_it():
+    s = settings()
+    old = [Container("bad", "/p-backend-2", "backend", "h", "i", "r", "running", "unhealthy")]
+    assert swap_cmd(s, old).splitlines()[3:] == ["docker rm -f bad >/dev/null", "reload"]
 
 
 def test_restore_script_puts_back_files_and_removes_added_ones(tmp_path):

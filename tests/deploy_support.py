@@ -1,0 +1,168 @@
+"""Helpers for the deploy tests and benchmarks: the real ``fab`` CLI against the
+rig's sshd, a client loop hitting nginx, and a fingerprint of the server."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import ssl
+import subprocess
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from http.client import HTTPSConnection
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class _SNIConnection(HTTPSConnection):
+    """HTTPS to 127.0.0.1:port with the site's name in SNI and Host."""
+
+    def __init__(self, domain: str, port: int, timeout: float):
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        super().__init__(domain, port, timeout=timeout, context=ctx)
+        self._domain = domain
+
+    def connect(self):
+        sock = socket.create_connection(("127.0.0.1", self.port), self.timeout)
+        self.sock = self._context.wrap_socket(sock, server_hostname=self._domain)
+
+
+def get(domain: str, port: int, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    conn = _SNIConnection(domain, port, timeout)
+    try:
+        conn.request("GET", path, headers={"Connection": "close"})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+@dataclass
+class ClientLoop:
+    """Requests through nginx at a steady rate, in a thread; counts what failed.
+
+    Every request is a new TLS connection (no retry on a stale keep-alive), so a
+    failure is a real one. Bounded in time: it stops by itself after
+    ``max_seconds``.
+    """
+
+    domain: str
+    port: int
+    paths: tuple[str, ...] = ("/health", "/")
+    rate: float = 50.0
+    max_seconds: float = 600.0
+    ok: int = 0
+    failures: list[str] = field(default_factory=list)
+    versions: list[str] = field(default_factory=list)
+    statuses: Counter = field(default_factory=Counter)
+
+    def __post_init__(self):
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        interval = 1.0 / self.rate
+        deadline = time.monotonic() + self.max_seconds
+        nxt = time.monotonic()
+        i = 0
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            path = self.paths[i % len(self.paths)]
+            i += 1
+            try:
+                status, body = get(self.domain, self.port, path)
+                self.statuses[status] += 1
+                if status != 200:
+                    self.failures.append(f"{path}: HTTP {status}")
+                else:
+                    self.ok += 1
+                    if path == "/health":
+                        version = json.loads(body).get("version", "")
+                        if not self.versions or self.versions[-1] != version:
+                            self.versions.append(version)
+            except Exception as exc:  # a failed request is what we count
+                self.failures.append(f"{path}: {type(exc).__name__}: {exc}")
+            nxt += interval
+            delay = nxt - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            else:
+                nxt = time.monotonic()
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    @property
+    def total(self) -> int:
+        return self.ok + len(self.failures)
+
+
+def write_config(path: Path, overrides: dict, known_hosts: list[str]) -> Path:
+    data = dict(overrides)
+    data["known_hosts"] = list(known_hosts)
+    path.write_text(yaml.safe_dump(data, sort_keys=True))
+    return path
+
+
+def fab(ssh_host, config: Path, *args: str, host: str | None = None, env: dict | None = None,
+        timeout: float = 900) -> subprocess.CompletedProcess:
+    """Run the real ``fab`` CLI against the rig's sshd with a settings file."""
+    target = host or f"{ssh_host.user}@{ssh_host.host}:{ssh_host.port}"
+    argv = ["fab", "-r", str(ROOT), "-H", target, "-i", str(ssh_host.client_key), *args]
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("MAICIVY_")}
+    environ["MAICIVY_CONFIG"] = str(config)
+    environ.update(env or {})
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd="/",
+                          env=environ)
+
+
+def fab_popen(ssh_host, config: Path, *args: str) -> subprocess.Popen:
+    argv = ["fab", "-r", str(ROOT), "-H", f"{ssh_host.user}@{ssh_host.host}:{ssh_host.port}",
+            "-i", str(ssh_host.client_key), *args]
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("MAICIVY_")}
+    environ["MAICIVY_CONFIG"] = str(config)
+    environ["PYTHONUNBUFFERED"] = "1"
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd="/", env=environ)
+
+
+def tree_fingerprint(root: Path) -> dict[str, str]:
+    """{relative path: mode + sha256} of every file and directory under root."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        st = path.lstat()
+        rel = str(path.relative_to(root))
+        if path.is_file() and not path.is_symlink():
+            out[rel] = f"{st.st_mode:o} {hashlib.sha256(path.read_bytes()).hexdigest()}"
+        else:
+            out[rel] = f"{st.st_mode:o}"
+    return out
+
+
+def containers(project: str) -> dict[str, str]:
+    """{container name: id@image} of a compose project (running or not)."""
+    out = subprocess.run(
+        ["docker", "ps", "-a", "--no-trunc", "--filter",
+         f"label=com.docker.compose.project={project}",
+         "--format", "{{.Names}} {{.ID}}@{{.Image}}@{{.State}}"],
+        capture_output=True, text=True, check=True).stdout
+    return dict(line.split(" ", 1) for line in out.splitlines() if line.strip())
+
+
+def image_ids() -> set[str]:
+    out = subprocess.run(["docker", "images", "-a", "-q", "--no-trunc"], capture_output=True,
+                         text=True, check=True).stdout
+    return set(out.split())

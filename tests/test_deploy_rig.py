@@ -1,0 +1,264 @@
+"""deploy on the real rig: the fab CLI over SSH, a real stack, real nginx.
+
+One stack for the module; the tests run in order and each leaves the stack
+in the state the next one starts from (v1 -> backend v2 -> broken backend
+rolled back -> frontend v2 after a killed deploy -> rollback on demand).
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import time
+
+import pytest
+from deploy_support import (
+    ClientLoop,
+    containers,
+    fab,
+    fab_popen,
+    get,
+    tree_fingerprint,
+    write_config,
+)
+from stack_rig import StackRig
+
+from fabfile.config import SERVICES
+from fabfile.deploy import DeployLock
+from fabfile.host import Host
+from fabfile.stack import ensure_certificates
+
+pytestmark = pytest.mark.rig
+
+PROJECT = "maicivydeploy"
+
+
+class Rig:
+    def __init__(self, ssh_host, tmp):
+        self.ssh_host = ssh_host
+        self.tmp = tmp
+        self.stack = StackRig(ssh_host, tmp, PROJECT, deploy={"health_timeout_seconds": 30})
+        self.settings = self.stack.settings
+        self.base = dict(self.stack.overrides)
+        self.root = tmp / "srv"
+        self.domain = self.settings.domain
+        self.https = self.settings.publish.https
+        self.n = 0
+
+    def config(self, **changes):
+        """A settings file: the rig's overrides plus ``changes`` (nested dicts merged)."""
+        data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in self.base.items()}
+        for key, value in changes.items():
+            if isinstance(value, dict) and isinstance(data.get(key), dict):
+                data[key].update(value)
+            else:
+                data[key] = value
+        self.n += 1
+        return write_config(self.tmp / f"maicivy-{self.n}.yaml", data,
+                            [str(self.ssh_host.known_hosts)])
+
+    def use(self, **changes):
+        """Make ``changes`` the new baseline and return its settings file."""
+        path = self.config(**changes)
+        for key, value in changes.items():
+            if isinstance(value, dict) and isinstance(self.base.get(key), dict):
+                self.base[key] = {**self.base[key], **value}
+            else:
+                self.base[key] = value
+        return path
+
+    def deploy(self, *args, config=None, **kw):
+        return fab(self.ssh_host, config or self.config(), "deploy", *args, **kw)
+
+    def backend_version(self) -> str:
+        import json
+
+        status, body = get(self.domain, self.https, "/health")
+        assert status == 200, body
+        return json.loads(body)["version"]
+
+    def frontend_page(self) -> str:
+        status, body = get(self.domain, self.https, "/")
+        assert status == 200
+        return body.decode()
+
+    def running(self, service: str) -> list[str]:
+        return [n for n, v in containers(PROJECT).items()
+                if f"{PROJECT}-{service}-" in n and v.endswith("@running")]
+
+    def log(self) -> list[str]:
+        path = self.root / ".deploy/deploy.log"
+        return path.read_text().splitlines() if path.exists() else []
+
+
+@pytest.fixture(scope="module")
+def rig(ssh_host, tmp_path_factory):
+    r = Rig(ssh_host, tmp_path_factory.mktemp("deploy"))
+    s = r.settings
+    # A fresh server after provision: directories, .env, certificates; no stack files.
+    for d in (s.backup.dir, s.backup.textfile_dir, s.tls.webroot, s.root):
+        r.stack.run(f"mkdir -p {d}")
+    r.stack.write_env()
+    ensure_certificates(Host(r.stack.conn), s)
+    try:
+        yield r
+    finally:
+        r.stack.down()
+
+
+def test_first_deploy_brings_every_service_up_healthy(rig):
+    proc = rig.deploy(timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert rig.stack.service_health() == {name: "healthy" for name in SERVICES}
+    assert rig.backend_version() == "v1"
+    assert "release v1" in rig.frontend_page()
+    assert re.search(r"result=ok release=\d{8}T\d{6}Z images=backend=\S+/backend:v1@",
+                     rig.log()[-1])
+    history = fab(rig.ssh_host, rig.config(), "deploy.history")
+    assert history.returncode == 0 and "result=ok" in history.stdout
+
+
+def test_noop_redeploy_recreates_nothing_and_says_so(rig):
+    before = containers(PROJECT)
+    proc = rig.deploy()
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "nothing changed" in proc.stdout
+    assert containers(PROJECT) == before
+    assert " result=unchanged " in rig.log()[-1]
+
+
+def test_dry_run_prints_diffs_and_leaves_the_server_byte_identical(rig):
+    before_tree = tree_fingerprint(rig.root)
+    before_containers = containers(PROJECT)
+    config = rig.config(rate_limit={"per_minute": 1200},
+                        images={"backend": rig.base["images"]["backend"].replace(":v1", ":v2")})
+    proc = rig.deploy("--dry-run", config=config)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    target = f"{rig.ssh_host.user}@127.0.0.1:{rig.ssh_host.port}"
+    assert f"--- {target}:{rig.root}/docker/nginx/nginx.conf" in out
+    assert re.search(r"^-.*rate=6000r/m;$", out, re.M)
+    assert re.search(r"^\+.*rate=1200r/m;$", out, re.M)
+    assert re.search(r"^\+    image: \S+/backend:v2$", out, re.M)
+    assert "[dry-run] would run: docker compose" in out and " pull --quiet" in out
+    assert "nginx -s reload" in out
+    assert tree_fingerprint(rig.root) == before_tree
+    assert containers(PROJECT) == before_containers
+
+
+def test_new_backend_image_is_deployed_without_a_failed_request(rig):
+    from rig.images import BACKEND_V2
+
+    config = rig.use(images={"backend": BACKEND_V2})
+    with ClientLoop(rig.domain, rig.https, rate=50) as loop:
+        time.sleep(1)
+        proc = rig.deploy(config=config)
+        time.sleep(1)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "backend: starting the new container beside the old one" in proc.stdout
+    assert loop.failures == [], loop.failures[:10]
+    assert loop.total > 100
+    assert loop.versions[0] == "v1" and loop.versions[-1] == "v2"
+    assert rig.backend_version() == "v2"
+    assert len(rig.running("backend")) == 1
+    assert rig.stack.service_health() == {name: "healthy" for name in SERVICES}
+
+
+def test_broken_backend_is_rolled_back_automatically(rig):
+    from rig.images import BACKEND_BROKEN
+
+    before = rig.running("backend")
+    with ClientLoop(rig.domain, rig.https, rate=20) as loop:
+        proc = rig.deploy(config=rig.config(images={"backend": BACKEND_BROKEN}))
+    assert proc.returncode != 0
+    assert "rolled back automatically" in proc.stderr
+    assert "backend container did not become healthy" in proc.stderr
+    assert loop.failures == [], loop.failures[:10]
+    assert set(loop.versions) == {"v2"}
+    assert rig.backend_version() == "v2"
+    assert rig.running("backend") == before
+    assert " result=rolled-back " in rig.log()[-1]
+    # The server's files are those of the release that serves (backend v2).
+    compose_file = (rig.root / "docker/docker-compose.prod.yml").read_text()
+    assert "backend:v2" in compose_file and "backend:broken" not in compose_file
+
+
+def test_second_deploy_is_refused_while_one_holds_the_lock(rig):
+    conn = rig.ssh_host.connection(rig.stack.overrides)
+    lock = DeployLock(Host(conn), rig.settings, [], owner="carol@laptop since 2026-11-25T10:00Z")
+    lock.acquire()
+    try:
+        start = time.monotonic()
+        proc = rig.deploy(timeout=120)
+        took = time.monotonic() - start
+    finally:
+        lock.release()
+        conn.close()
+    assert proc.returncode != 0
+    assert "another deploy holds the lock: carol@laptop since 2026-11-25T10:00Z" in proc.stderr
+    assert took < 60  # refused at once, not after waiting for the lock
+    assert rig.deploy().returncode == 0  # released with its holder
+
+
+def test_killed_connection_mid_deploy_then_next_deploy_converges(rig):
+    from rig.images import FRONTEND_V2
+
+    config = rig.use(images={"frontend": FRONTEND_V2})
+    proc = fab_popen(rig.ssh_host, config, "deploy")
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "frontend: starting the new container" in line:
+            break
+    time.sleep(2)  # inside the rolling replace: new frontend container starting
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert any("frontend: starting" in line for line in seen), "".join(seen)
+    again = rig.deploy(config=config)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "release v2" in rig.frontend_page()
+    assert len(rig.running("frontend")) == 1
+    assert rig.stack.service_health() == {name: "healthy" for name in SERVICES}
+
+
+def test_rollback_on_demand_returns_to_the_previous_release(rig):
+    proc = fab(rig.ssh_host, rig.config(), "deploy.rollback")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "release v1" in rig.frontend_page()  # the frontend of the previous release
+    assert rig.backend_version() == "v2"
+    assert " result=rollback " in rig.log()[-1]
+    history = fab(rig.ssh_host, rig.config(), "deploy.history")
+    results = re.findall(r"result=(\S+)", history.stdout)
+    assert results[:2] == ["ok", "unchanged"] and results[-1] == "rollback"
+    assert "rolled-back" in results
+
+
+def test_wrong_host_key_is_refused_and_later_hosts_are_not_touched(rig, tmp_path):
+    import subprocess
+
+    other = tmp_path / "other"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    kind, key = other.with_suffix(".pub").read_text().split()[:2]
+    wrong = tmp_path / "known_hosts"
+    wrong.write_text(f"[127.0.0.1]:{rig.ssh_host.port} {kind} {key}\n")
+    log_before = rig.log()
+    config = write_config(tmp_path / "wrong.yaml", rig.base, [str(wrong)])
+    proc = fab(rig.ssh_host, config, "deploy")
+    assert proc.returncode == 2
+    assert "has CHANGED" in proc.stderr and "refusing to connect" in proc.stderr
+    # Two hosts, the first with an unknown key: it stops there, the second is untouched.
+    hosts = (f"{rig.ssh_host.user}@localhost:{rig.ssh_host.port},"
+             f"{rig.ssh_host.user}@127.0.0.1:{rig.ssh_host.port}")
+    proc = fab(rig.ssh_host, rig.config(), "deploy", host=hosts)
+    assert proc.returncode == 2
+    assert "is unknown; refusing to connect" in proc.stderr
+    assert rig.log() == log_before
+
+
+def test_missing_config_value_is_refused_before_any_remote_command(rig):
+    sshd_log = rig.ssh_host.workdir / "sshd.log"
+    accepted = sshd_log.read_text().count("Accepted publickey")
+    proc = rig.deploy(env={"MAICIVY_IMAGES__BACKEND": ""})
+    assert proc.returncode == 2
+    assert "maicivy.images.backend must be an image reference" in proc.stderr
+    assert sshd_log.read_text().count("Accepted publickey") == accepted
