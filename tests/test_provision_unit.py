@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shlex
 import subprocess
 
@@ -151,3 +152,13 @@ def test_bad_provision_settings_are_refused():
         settings(provision={"cron": {"ssl_renew": "daily"}})
     with pytest.raises(ConfigError, match="maicivy.provision.pip_options"):
         settings(provision={"pip_options": "--index-url x; rm -rf /"})
+
+
+def test_provisioning_host_image_preinstalls_every_package_provision_wants():
+    from pathlib import Path
+
+    from fabfile.provision import BASE_PACKAGES
+
+    dockerfile = (Path(__file__).parent / "images/provision-host/Dockerfile").read_text()
+    for pkg in BASE_PACKAGES:
+        assert re.search(rf"\s{re.escape(pkg)}\s", dockerfile), pkg
