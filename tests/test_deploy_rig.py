@@ -156,6 +156,11 @@ def test_new_backend_image_is_deployed_without_a_failed_request(rig):
         time.sleep(1)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "backend: starting the new container beside the old one" in proc.stdout
+    # The pre-deploy backup (backup namespace) ran before anything changed.
+    assert "pre-deploy backup: done" in proc.stdout
+    assert proc.stdout.index("pre-deploy backup") < proc.stdout.index("backend: starting")
+    assert any(p.is_file() and p.stat().st_size > 0
+               for p in (rig.tmp / "backups").rglob("*") if "postgres" in str(p))
     assert loop.failures == [], loop.failures[:10]
     assert loop.total > 100
     assert loop.versions[0] == "v1" and loop.versions[-1] == "v2"
