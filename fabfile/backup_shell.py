@@ -230,10 +230,9 @@ def pg_check_archive_script(settings: Settings, path: str) -> str:
         + '[ -f "$archive" ] || fail "$archive does not exist"\n'
         + 'work=$(mktemp -d) || fail "cannot create a temporary directory"\n'
         + "trap 'rm -rf -- \"$work\"' EXIT\n"
-        + 'sha256sum < "$archive" > "$work/sha" &\nshapid=$!\n'
+        + 'sha=$(sha256sum < "$archive") || fail "cannot read $archive to checksum it"\n'
+        + 'echo "sha256=${sha%% *}"\n'
         + pg_verify_stream(settings, '"$archive"')
-        + 'wait "$shapid" || fail "cannot read $archive to checksum it"\n'
-        + 'echo "sha256=$(cut -d" " -f1 < "$work/sha")"\n'
         + 'echo "size=$(stat -c %s -- "$archive")"\n'
     )
 
@@ -467,10 +466,9 @@ def redis_check_archive_script(settings: Settings, path: str) -> str:
         + '[ -f "$archive" ] || fail "$archive does not exist"\n'
         + 'work=$(mktemp -d) || fail "cannot create a temporary directory"\n'
         + "trap 'rm -rf -- \"$work\"' EXIT\n"
-        + 'sha256sum < "$archive" > "$work/sha" &\nshapid=$!\n'
+        + 'sha=$(sha256sum < "$archive") || fail "cannot read $archive to checksum it"\n'
+        + 'echo "sha256=${sha%% *}"\n'
         + redis_verify_stream(settings, '"$archive"')
-        + 'wait "$shapid" || fail "cannot read $archive to checksum it"\n'
-        + 'echo "sha256=$(cut -d" " -f1 < "$work/sha")"\n'
         + 'echo "size=$(stat -c %s -- "$archive")"\n'
     )
 
