@@ -171,8 +171,13 @@ def obtain_command(settings: Settings, name: str, domains: list[str], force: boo
 
 
 def renew_command(settings: Settings, force: bool = False) -> str:
-    """``certbot renew`` of every lineage that is due (all of them with force)."""
-    return _certbot(settings, "renew", *(["--force-renewal"] if force else []))
+    """``certbot renew`` of every lineage that is due (all of them with force).
+
+    Without a terminal certbot would first sleep a random 0-8 minutes; the
+    cron schedule (provision.cron.ssl_renew) already picks the time.
+    """
+    return _certbot(settings, "renew", "--no-random-sleep-on-renew",
+                    *(["--force-renewal"] if force else []))
 
 
 def run_hook_command(settings: Settings, name: str) -> str:
@@ -403,7 +408,12 @@ def sync_to_nginx(host: Host, settings: Settings) -> list[str]:
 
 
 def obtain_certificates(host: Host, settings: Settings, force: bool = False) -> list[str]:
-    """Obtain (or keep) every lineage and make sure nginx serves it. Returns names issued."""
+    """Obtain (or keep) every lineage and make sure nginx serves it.
+
+    Returns the names certbot issued a new certificate for (the deploy hook
+    installed them and reloaded nginx); lineages kept as they were are still
+    installed for nginx if its copy differs.
+    """
     acme_directory(settings)  # bad staging/server combination: fail before anything
     require_certbot(host)
     install_hook(host, settings)
@@ -413,6 +423,7 @@ def obtain_certificates(host: Host, settings: Settings, force: bool = False) -> 
             raise OpsError("nginx is not running, so it cannot serve the ACME challenges; "
                            "start the stack first (deploy), then run ssl.obtain")
         probe_webroot(host, settings)
+    issued = []
     for name, domains in lineages(settings).items():
         host.say(f"certbot: {name} ({', '.join(domains)}) from {acme_directory(settings)}")
         r = host.run(obtain_command(settings, name, domains, force=force), sudo=True, warn=True,
@@ -421,9 +432,12 @@ def obtain_certificates(host: Host, settings: Settings, force: bool = False) -> 
             raise OpsError(f"certbot could not obtain the {name} certificate: "
                            f"{certbot_error(r.stderr + r.stdout)}; nginx keeps serving the "
                            "current one")
+        if "Successfully received certificate" in r.stdout + r.stderr:
+            issued.append(name)
     if host.dry_run:
         return []
-    return sync_to_nginx(host, settings)
+    sync_to_nginx(host, settings)
+    return issued
 
 
 def renew_certificates(host: Host, settings: Settings, force: bool = False) -> str:
@@ -464,11 +478,13 @@ def obtain(c, force=False, dry_run=False):
     """
     settings = settings_for(c)
     host = host_for(c, settings, dry_run=dry_run)
-    installed = obtain_certificates(host, settings, force=force)
+    issued = obtain_certificates(host, settings, force=force)
     if dry_run:
         return
-    if installed:
-        print(f"installed for nginx: {', '.join(installed)}")
+    if issued:
+        print(f"new certificates, installed for nginx (reloaded): {', '.join(issued)}")
+    else:
+        print("certificates not due for renewal: kept (use --force to replace them)")
     for line in format_status(read_certs(host, settings)):
         print(line)
 

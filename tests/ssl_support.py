@@ -141,3 +141,50 @@ def served_certificate(port: int, server_name: str) -> dict:
     fields = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
     return {"serial": fields["serial"].lower(), "issuer": fields["issuer"],
             "subject": fields["subject"], "not_after": fields["notAfter"], "pem": pem}
+
+
+# --- running the real CLIs against a StackRig ------------------------------------------
+
+
+def _merge(base: dict, changes: dict) -> dict:
+    out = dict(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def task_env(rig, **changes) -> dict:
+    """Environment for ``fab``/``inv`` subprocesses: the rig's settings as MAICIVY_CONFIG."""
+    import yaml
+
+    data = _merge(rig.overrides, changes)
+    data["known_hosts"] = [*data.get("known_hosts", []), str(rig.ssh_host.known_hosts)]
+    path = rig.tmp / f"maicivy-{abs(hash(json.dumps(data, sort_keys=True)))}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAICIVY_")}
+    try:
+        from stack_rig import rig_env
+
+        # (its MAICIVY_RIG_* names would be read as maicivy settings)
+        env.update({k: v for k, v in rig_env().items() if not k.startswith("MAICIVY_")})
+    except ImportError:
+        pass
+    env["MAICIVY_CONFIG"] = str(path)
+    return env
+
+
+def fab(rig, *args: str, env: dict | None = None, timeout: float = 600):
+    """Run a task with the real ``fab`` CLI over SSH (as from a laptop)."""
+    return subprocess.run([*rig.ssh_host.fab_argv(), *args], env=env or task_env(rig),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def inv(rig, *args: str, env: dict | None = None, timeout: float = 600):
+    """Run a task with the real ``inv`` CLI on this machine (as on the server)."""
+    from conftest import ROOT
+
+    return subprocess.run(["inv", "-r", str(ROOT), *args], env=env or task_env(rig),
+                          capture_output=True, text=True, timeout=timeout, cwd="/")

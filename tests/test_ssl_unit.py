@@ -87,6 +87,7 @@ def test_renew_command_passes_the_deploy_hook_and_forces_only_when_asked():
     s = settings()
     a = argv(tls.renew_command(s))
     assert a[:2] == ["certbot", "renew"] and "--deploy-hook" in a
+    assert "--no-random-sleep-on-renew" in a  # no 0-8 minute nap when run without a tty
     assert "--force-renewal" not in a
     assert "--force-renewal" in argv(tls.renew_command(s, force=True))
 
