@@ -125,17 +125,21 @@ def _new_name(kind: str) -> str:
     )
 
 
-def _pipe_status(*labels: str) -> str:
+def _pipe_status(labels: tuple[str, ...], writer_first: bool) -> str:
     """Bash: check each exit status of the last pipeline (saved in $st)."""
     lines = []
-    for i, label in enumerate(labels):
+    order = list(enumerate(labels))
+    if writer_first:  # a writer that fails (disk full) also kills the stages before it
+        order.reverse()
+    for i, label in order:
         lines.append(f'[ "${{st[{i}]}}" = 0 ] || fail {q(label)}" (exit ${{st[{i}]}})"')
     return "\n".join(lines) + "\n"
 
 
-def _pipe(command: str, *labels: str) -> str:
+def _pipe(command: str, *labels: str, writer_first: bool = False) -> str:
     """Bash: run a pipeline without -e, then fail with the label of the stage that broke."""
-    return f"set +e\n{command}\nst=(\"${{PIPESTATUS[@]}}\")\nset -e\n" + _pipe_status(*labels)
+    return (f"set +e\n{command}\nst=(\"${{PIPESTATUS[@]}}\")\nset -e\n"
+            + _pipe_status(labels, writer_first))
 
 
 def _finish_file() -> str:
@@ -196,11 +200,13 @@ def pg_backup_script(settings: Settings, compression: str | None = None) -> str:
             f'{dump} </dev/null | "${{Z[@]}}" > "$tmp"',
             "pg_dump failed in the postgres container",
             "writing the compressed dump to $dir failed (disk full?)",
+            writer_first=True,
         )
         + _pipe(
             f'{dump_globals} </dev/null | "${{Z[@]}}" > "$gtmp"',
             "pg_dumpall --globals-only failed in the postgres container",
             "writing the globals dump to $dir failed (disk full?)",
+            writer_first=True,
         )
         + 'sync -- "$gtmp" || fail "cannot fsync $gtmp"\n'
         + _finish_file()
@@ -257,7 +263,8 @@ def count_rows_script(settings: Settings, database: str) -> str:
     """``count<TAB>rows<TAB>table`` for every table of ``database``."""
     sql = COUNT_ROWS_SQL + ";"
     cmd = psql_script(settings, sql, database)
-    return cmd + " | awk -F'|' " + q(r'{n=$NF; sub(/[|][^|]*$/, ""); printf "count\t%s\t%s\n", n, $0}')
+    awk = r'{n=$NF; sub(/[|][^|]*$/, ""); printf "count\t%s\t%s\n", n, $0}'
+    return cmd + " | awk -F'|' " + q(awk)
 
 
 def pg_restore_into_script(settings: Settings, archive: str, database: str) -> str:
@@ -444,6 +451,7 @@ def redis_backup_script(settings: Settings, compression: str | None = None) -> s
             f'{copy} </dev/null | "${{Z[@]}}" > "$tmp"',
             "copying the RDB out of the redis container failed",
             "writing the compressed RDB to $dir failed (disk full?)",
+            writer_first=True,
         )
         + _finish_file()
         + 'sha256sum < "$tmp" > "$work/sha" &\nshapid=$!\n'

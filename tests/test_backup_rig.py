@@ -1,0 +1,354 @@
+"""Backups on the real rig: verified files, metrics, faults that lose nothing, cron, S3.
+
+One stack (postgres, redis, backend) for the module; ``fab`` runs over SSH
+like from a laptop, ``inv -r`` runs from / without stdin like cron on the
+server. The tests run in order and each leaves the stack healthy.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from backup_support import (
+    ROOT,
+    BackupRig,
+    Moto,
+    add_env,
+    errors,
+    seed_postgres,
+    seed_redis,
+    sha256_file,
+)
+
+from fabfile import backup_s3
+from fabfile.backup_lock import server_lock
+from fabfile.errors import OpsError
+
+pytestmark = pytest.mark.rig
+
+BUCKET = "maicivy-offsite"
+
+
+@pytest.fixture(scope="module")
+def rig(ssh_host, tmp_path_factory):
+    r = BackupRig(ssh_host, tmp_path_factory.mktemp("backup"), "maicivybackup",
+                  provision={"log_dir": str(tmp_path_factory.mktemp("log"))})
+    try:
+        r.up()
+        seed_postgres(r)
+        seed_redis(r)
+        yield r
+    finally:
+        r.down()
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def test_backup_postgres_writes_a_verified_backup_its_manifest_and_metrics(rig):
+    t0 = time.time()
+    proc = ok(rig.fab("backup.postgres"))
+    m = rig.latest("postgres")
+    assert f"postgres backup {m['name']}" in proc.stdout
+    data = rig.kind_dir("postgres") / m["file"]
+    assert m["file"].endswith(".dump.gz") and m["compression"] == "gzip"
+    assert sha256_file(data) == m["sha256"] and data.stat().st_size == m["size"]
+    assert m["tables"] == rig.counts() and m["rows"] == sum(m["tables"].values())
+    assert m["verification"]["ok"] and "pg_restore -f - (whole archive)" in \
+        m["verification"]["checks"]
+    assert m["server_version"].startswith("15") and "pg_dump" in m["pg_dump_version"]
+    glob = rig.kind_dir("postgres") / m["globals"]["file"]
+    assert sha256_file(glob) == m["globals"]["sha256"]
+    assert b"CREATE ROLE maicivy" in subprocess.run(["gzip", "-dc", str(glob)],
+                                                    capture_output=True).stdout
+    # Private files, nothing left over, and the dump is a real pg_dump archive.
+    assert (rig.backup_dir.stat().st_mode & 0o777) == 0o700
+    assert (data.stat().st_mode & 0o777) == 0o600
+    assert not [f for f in rig.files("postgres") if f.endswith(".partial")]
+    raw = subprocess.run(["gzip", "-dc", str(data)], capture_output=True, check=True).stdout
+    listing = subprocess.run(["pg_restore", "--list"], input=raw, capture_output=True)
+    assert b"TABLE DATA public accounts" in listing.stdout
+    metrics = rig.metrics("postgres")
+    assert metrics["maicivy_backup_last_result"] == 1
+    assert metrics["maicivy_backup_last_success_timestamp_seconds"] >= int(t0)
+    assert metrics["maicivy_backup_last_size_bytes"] == m["size"]
+
+
+def test_backup_redis_captures_every_key(rig):
+    ok(rig.fab("backup.redis"))
+    m = rig.latest("redis")
+    assert m["keys"] == int(rig.redis("DBSIZE").split()[-1]) == 57
+    assert m["file"].endswith(".rdb.gz") and m["aof"] == "yes"
+    assert sha256_file(rig.kind_dir("redis") / m["file"]) == m["sha256"]
+    assert rig.metrics("redis")["maicivy_backup_last_result"] == 1
+
+
+def test_zstd_compression_when_configured(rig):
+    if not shutil.which("zstd"):
+        pytest.fail("zstd missing on the server: apt-get install zstd (.ci/run does)")
+    ok(rig.fab("backup.postgres", "--no-prune", config=rig.config(backup={"compression": "zstd"})))
+    m = rig.latest("postgres")
+    assert m["file"].endswith(".dump.zst") and "Zstandard" in m["compressor"]
+    assert m["tables"] == rig.counts()
+
+
+def test_cron_lines_installed_by_provision_run_as_written(rig):
+    from fabfile.provision import cron_lines
+
+    settings = rig.stack.settings
+    config = rig.config()
+    inv = str(Path(sys.executable).parent / "inv")
+    root = settings.root.rstrip("/")
+    lines = [ln for ln in cron_lines(settings) if " backup." in ln]
+    tasks = {re.search(r" (backup\.[a-z]+)", ln).group(1) for ln in lines}
+    assert tasks >= {"backup.postgres", "backup.redis", "backup.verify"}
+    before = {k: len(rig.manifests(k)) for k in ("postgres", "redis")}
+    for line in lines:
+        command = " ".join(line.split()[5:])  # drop the schedule
+        command = command.replace(f"{root}/ops/.venv/bin/inv", inv)
+        command = command.replace(f"-r {root}/ops", f"-r {ROOT}")
+        # What cron gives a job: sh, a minimal environment, no terminal, no stdin.
+        env = {"PATH": "/usr/bin:/bin", "HOME": "/root", "SHELL": "/bin/sh",
+               "LOGNAME": "root", "MAICIVY_CONFIG": str(config)}
+        proc = subprocess.run(["/bin/sh", "-c", command], env=env, stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=600, cwd="/tmp")
+        assert proc.returncode == 0, (command, _log(rig))
+    assert len(rig.manifests("postgres")) == before["postgres"] + 1
+    assert len(rig.manifests("redis")) == before["redis"] + 1
+    log = _log(rig)
+    assert "postgres backup postgres-" in log and "counts match the manifest" in log
+
+
+def _log(rig) -> str:
+    d = Path(rig.stack.settings.provision.log_dir)
+    return "\n".join(p.read_text() for p in sorted(d.glob("*.log")))
+
+
+def test_two_backups_at_once_do_not_interleave(rig):
+    config = rig.config(backup={"lock_wait_seconds": 300})
+    procs = [subprocess.Popen(rig.inv_argv("backup.postgres", "--no-prune"), cwd="/",
+                              env=rig._env(config, None), stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    a, b = rig.manifests("postgres")[-2:]
+    assert a["name"] != b["name"]
+    first, second = sorted((a, b), key=lambda m: m["started_epoch"])
+    assert first["finished_epoch"] <= second["started_epoch"]
+
+
+def test_a_second_run_waits_then_says_who_holds_the_lock(rig):
+    names = rig.files("postgres")
+    lock = str(rig.backup_dir / ".lock-postgres")
+    with server_lock(rig.host, lock, wait=5, task="test-holder"):
+        proc = rig.fab("backup.postgres", config=rig.config(backup={"lock_wait_seconds": 1}))
+    assert proc.returncode == 75
+    assert len(errors(proc)) == 1 and "held by test-holder" in errors(proc)[0]
+    assert rig.files("postgres") == names
+
+
+def test_postgres_down_fails_with_one_clear_line_and_a_failure_metric(rig):
+    ok(rig.fab("backup.postgres", "--no-prune"))
+    good = rig.metrics("postgres")
+    files = rig.files("postgres")
+    rig.compose("stop", "postgres")
+    try:
+        proc = rig.fab("backup.postgres")
+        assert proc.returncode != 0
+        assert len(errors(proc)) == 1, proc.stderr
+        assert "postgres" in errors(proc)[0] and "not running" in errors(proc)[0]
+        assert "Traceback" not in proc.stderr
+        bad = rig.metrics("postgres")
+        assert bad["maicivy_backup_last_result"] == 0
+        assert bad["maicivy_backup_last_success_timestamp_seconds"] == \
+            good["maicivy_backup_last_success_timestamp_seconds"]
+        assert bad["maicivy_backup_last_run_timestamp_seconds"] >= \
+            good["maicivy_backup_last_run_timestamp_seconds"]
+        assert rig.files("postgres") == files
+        # backup.all still backs Redis up, and reports the failure.
+        proc = rig.fab("backup.all", "--no-prune")
+        assert proc.returncode != 0 and "postgres" in errors(proc)[0]
+        assert rig.metrics("redis")["maicivy_backup_last_result"] == 1
+    finally:
+        rig.compose("start", "postgres")
+        rig.wait_healthy("postgres")
+
+
+def test_disk_full_leaves_no_partial_file_and_the_older_backups_intact(rig, tmp_path):
+    full = tmp_path / "small"
+    full.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=700", "tmpfs",
+                            str(full)], capture_output=True, text=True)
+    if mount.returncode != 0:
+        pytest.fail(f"cannot mount a tmpfs (the rig runs as root): {mount.stderr}")
+    try:
+        config = rig.config(backup={"dir": str(full)})
+        ok(rig.fab("backup.postgres", config=config))
+        older = {p.name: sha256_file(p) for p in (full / "postgres").iterdir()}
+        used = sum(p.stat().st_size for p in (full / "postgres").iterdir())
+        subprocess.run(["mount", "-o", f"remount,size={used + 64 * 1024}", str(full)],
+                       check=True)
+        rig.psql("CREATE TABLE bulk AS SELECT g, md5(g::text) || md5((g + 1)::text) AS v "
+                 "FROM generate_series(1, 40000) g")
+        proc = rig.fab("backup.postgres", config=config)
+        assert proc.returncode != 0
+        assert len(errors(proc)) == 1 and "disk full" in errors(proc)[0], proc.stderr
+        after = {p.name: sha256_file(p) for p in (full / "postgres").iterdir()}
+        assert after == older  # no partial file, the older backup byte-for-byte intact
+        assert rig.metrics("postgres")["maicivy_backup_last_result"] == 0
+    finally:
+        rig.psql("DROP TABLE IF EXISTS bulk")
+        subprocess.run(["umount", str(full)], check=False)
+
+
+def test_check_list_and_the_restore_drill(rig):
+    ok(rig.fab("backup.all", "--no-prune"))
+    proc = ok(rig.fab("backup.check"))
+    assert "ok postgres" in proc.stdout and "ok redis" in proc.stdout
+    stale = rig.fab("backup.check", config=rig.config(backup={"max_age_hours": 0.000001}))
+    assert stale.returncode != 0 and "h old" in stale.stdout
+    small = rig.fab("backup.check", config=rig.config(backup={"min_size_bytes": 10**9}))
+    assert small.returncode != 0 and "bytes" in errors(small)[0]
+
+    drill = ok(rig.fab("backup.verify", "--kind", "all"))
+    assert "counts match the manifest" in drill.stdout and "ok redis" in drill.stdout
+    assert not [d for d in rig.databases() if d.startswith("maicivy_verify_")]
+
+    m = rig.latest("postgres")
+    listing = ok(rig.fab("backup.list"))
+    row = [ln for ln in listing.stdout.splitlines() if m["name"] in ln]
+    assert row and " ok " in row[0]
+    data = rig.kind_dir("postgres") / m["file"]
+    original = data.read_bytes()
+    try:
+        data.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+        listing = ok(rig.fab("backup.list"))
+        assert " BAD " in [ln for ln in listing.stdout.splitlines() if m["name"] in ln][0]
+        drill = rig.fab("backup.verify", "--backup", m["name"])
+        assert drill.returncode != 0 and "checksum mismatch" in errors(drill)[0]
+    finally:
+        data.write_bytes(original)
+
+
+def _fake_old_copy(rig, m: dict, days: int) -> str:
+    """A copy of backup ``m`` that looks ``days`` old (new name, manifest, files)."""
+    t = datetime.now(UTC) - timedelta(days=days)
+    name = f"postgres-{t:%Y%m%dT%H%M%SZ}"
+    d = rig.kind_dir("postgres")
+    fake = dict(m, name=name, created_at=f"{t:%Y-%m-%dT%H:%M:%SZ}",
+                file=m["file"].replace(m["name"], name),
+                globals=dict(m["globals"], file=m["globals"]["file"].replace(m["name"], name)))
+    shutil.copy(d / m["file"], d / fake["file"])
+    shutil.copy(d / m["globals"]["file"], d / fake["globals"]["file"])
+    (d / f"{name}.json").write_text(json.dumps(fake))
+    return name
+
+
+def test_prune_dry_run_shows_what_would_go_and_why_then_prune_removes_it(rig):
+    m = rig.latest("postgres")
+    old = [_fake_old_copy(rig, m, days) for days in (45, 40)]
+    orphan = rig.kind_dir("postgres") / "postgres-20200101T000000Z.dump.gz"
+    orphan.write_bytes(b"half a dump")
+    files = rig.files("postgres")
+
+    dry = ok(rig.fab("backup.prune", "--dry-run", "--kind", "postgres"))
+    for name in old:
+        line = [ln for ln in dry.stdout.splitlines() if name in ln][0]
+        assert "delete" in line and "older than 30 days" in line
+    assert "incomplete" in [ln for ln in dry.stdout.splitlines()
+                            if "postgres-20200101T000000Z" in ln][0]
+    assert rig.files("postgres") == files
+
+    ok(rig.fab("backup.prune", "--kind", "postgres"))
+    left = rig.files("postgres")
+    assert not [f for f in left if any(n in f for n in old)] and orphan.name not in left
+    assert f"{m['name']}.json" in left and m["file"] in left
+
+
+
+# --- off-site copies (moto's S3 server on 127.0.0.1) ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def moto(rig, tmp_path_factory):
+    server = Moto(tmp_path_factory.mktemp("moto"))
+    server.client().create_bucket(Bucket=BUCKET)
+    add_env(rig, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def s3_config(rig, moto):
+    return rig.config(backup={"s3": {"bucket": BUCKET, "endpoint": moto.endpoint,
+                                     "prefix": "prod/"}})
+
+
+def test_offsite_copy_is_streamed_verified_checked_and_restorable(rig, moto):
+    config = s3_config(rig, moto)
+    ok(rig.fab("backup.postgres", config=config))
+    m = rig.latest("postgres")
+    s3 = moto.client()
+    key = f"prod/postgres/{m['file']}"
+    body = s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+    assert __import__("hashlib").sha256(body).hexdigest() == m["sha256"]
+    assert json.loads(s3.get_object(Bucket=BUCKET, Key=f"prod/postgres/{m['name']}.json")
+                      ["Body"].read())["sha256"] == m["sha256"]
+    assert m["offsite"]["verified"]
+    assert rig.metrics("postgres")["maicivy_backup_offsite_last_success_timestamp_seconds"] > 0
+    ok(rig.fab("backup.redis", config=config))
+
+    ok(rig.fab("backup.check", config=config))
+    listing = ok(rig.fab("backup.list", config=config))
+    assert "in s3://" in listing.stdout and m["name"] in listing.stdout.split("in s3://")[1]
+
+    s3.delete_object(Bucket=BUCKET, Key=key)
+    missing = rig.fab("backup.check", config=config)
+    assert missing.returncode != 0 and "missing off-site" in errors(missing)[0]
+
+    # Restore straight from the bucket after the local copy is gone.
+    s3.put_object(Bucket=BUCKET, Key=key, Body=body)
+    for f in rig.files("postgres"):
+        if f.startswith(m["name"]):
+            (rig.kind_dir("postgres") / f).unlink()
+    counts = rig.counts()
+    rig.psql("DELETE FROM accounts WHERE id > 10")
+    proc = ok(rig.fab("restore.postgres", "--backup", f"s3://{BUCKET}/{key}", "--yes",
+                      "--no-safety-backup", config=config))
+    assert "fetched" in proc.stdout and rig.counts() == counts
+    assert sha256_file(rig.kind_dir("postgres") / m["file"]) == m["sha256"]
+
+
+def test_offsite_upload_is_multipart_streamed_and_refuses_a_changed_file(rig, moto, tmp_path):
+    # 20 MiB of random data on the server, read over SSH in 8 MiB parts.
+    path = rig.tmp / "big.bin"
+    subprocess.run(["head", "-c", str(20 * 1024 * 1024), "/dev/urandom"],
+                   stdout=open(path, "wb"), check=True)
+    sha = sha256_file(path)
+    s3 = moto.client()
+    reader = backup_s3.ServerReader(rig.host, str(path))
+    up = backup_s3.upload(s3, BUCKET, "big.bin", reader, sha256=sha, size=path.stat().st_size)
+    reader.close()
+    assert up.parts == 3 and up.etag.endswith("-3")
+    body = s3.get_object(Bucket=BUCKET, Key="big.bin")["Body"].read()
+    assert __import__("hashlib").sha256(body).hexdigest() == sha
+    reader = backup_s3.ServerReader(rig.host, str(path))
+    with pytest.raises(OpsError, match="changed since it was verified"):
+        backup_s3.upload(s3, BUCKET, "changed.bin", reader, sha256="0" * 64,
+                         size=path.stat().st_size)
+    reader.close()
+    names = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET).get("Contents", [])]
+    assert "changed.bin" not in names
+    assert not s3.list_multipart_uploads(Bucket=BUCKET).get("Uploads")
