@@ -253,8 +253,8 @@ def cert_names(settings: Settings) -> list[str]:
 
 
 def _cn(dn: str) -> str:
-    m = re.search(r"(?:^|,)CN=((?:[^,\\]|\\.)*)", dn)
-    return m.group(1) if m else dn
+    m = re.search(r"(?:^|,)\s*CN\s*=\s*((?:[^,\\]|\\.)*)", dn)
+    return m.group(1).strip() if m else dn.strip()
 
 
 def parse_x509(domain: str, source: str, text: str, now: float) -> CertInfo:

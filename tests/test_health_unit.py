@@ -68,7 +68,8 @@ def test_the_probes_cover_every_check_and_go_through_nginx_with_sni():
     assert "https://maicivy.test:8443/health/deep" in by_id["backend_deep"].command
     assert "https://grafana.maicivy.test:8443/api/health" in by_id["grafana"].command
     assert "--max-time 4" in by_id["frontend"].command
-    assert "exec -T prometheus" in by_id["prometheus"].command
+    assert "docker exec" in by_id["prometheus"].command
+    assert "com.docker.compose.service=prometheus" in by_id["prometheus"].command
     assert "-servername grafana.maicivy.test" in by_id["cert_1"].command
 
 
@@ -103,14 +104,14 @@ def test_deep_health_failure_names_the_failing_dependency():
     assert row.detail == "HTTP 503 (redis: ConnectionRefusedError: refused)"
 
 
-def ps_line(service, state="running", health_="healthy", code=0):
-    return f"@@ps {service}|{state}|{health_}|{code}"
+def ps_line(service, state="running", status="Up 3 minutes (healthy)"):
+    return f"@@ps {service}|{state}|{status}"
 
 
 def test_service_rows_one_per_service():
     s = settings()
     lines = [ps_line(x) for x in SERVICES if x != "backend"]
-    lines.append(ps_line("backend", "exited", "", 137))
+    lines.append(ps_line("backend", "exited", "Exited (137) 5 seconds ago"))
     rows = health.service_rows(s, 0, "\n".join(lines), 0.2)
     assert [r.check for r in rows] == [f"service {x}" for x in SERVICES]
     bad = {r.check: r.detail for r in rows if r.status != OK}
@@ -121,12 +122,34 @@ def test_service_rows_one_per_service():
     assert rows["service redis"].detail == "no container (not created)"
 
 
-def test_starting_is_a_warning_and_unhealthy_is_critical():
+def test_starting_is_a_warning_unhealthy_and_paused_are_critical():
     s = settings()
-    lines = [ps_line(x) for x in SERVICES if x not in ("grafana", "frontend")]
-    lines += [ps_line("grafana", health_="starting"), ps_line("frontend", health_="unhealthy")]
+    lines = [ps_line(x) for x in SERVICES if x not in ("grafana", "frontend", "backend")]
+    lines += [ps_line("grafana", status="Up 2 seconds (health: starting)"),
+              ps_line("frontend", status="Up 1 minute (unhealthy)"),
+              ps_line("backend", "paused", "Up 1 minute (Paused)")]
+    rows = {r.check: (r.status, r.detail)
+            for r in health.service_rows(s, 0, "\n".join(lines), 0.1)}
+    assert rows["service grafana"] == (WARNING, "starting")
+    assert rows["service frontend"] == (CRITICAL, "unhealthy")
+    assert rows["service backend"] == (CRITICAL, "paused")
+    assert rows["service redis"] == (OK, "healthy")
+
+
+def test_a_service_in_the_middle_of_a_deploy_counts_as_its_best_container():
+    s = settings()
+    lines = [ps_line(x) for x in SERVICES]
+    lines.append(ps_line("backend", status="Up 1 second (health: starting)"))
     rows = {r.check: r.status for r in health.service_rows(s, 0, "\n".join(lines), 0.1)}
-    assert rows["service grafana"] == WARNING and rows["service frontend"] == CRITICAL
+    assert rows["service backend"] == OK
+
+
+def test_the_services_probe_lists_only_this_projects_own_containers():
+    s = settings(compose_project="maicivyprod")
+    cmd = {p.id: p.command for p in health.probes(s)}["services"]
+    assert cmd.startswith("docker ps -a ")
+    assert "label=com.docker.compose.project=maicivyprod" in cmd
+    assert "label=com.docker.compose.oneoff=False" in cmd
 
 
 X509 = """serial=0A1B
@@ -164,7 +187,7 @@ def test_disk_rows_one_per_filesystem_with_thresholds():
     s = settings(root="/srv/maicivy")
     rows = health.disk_rows(s, 0, DF, 0.1)
     assert [(r.check, r.status) for r in rows] == [("disk /", OK), ("disk /var/backups", WARNING)]
-    assert rows[0].detail == "23% used, 78.9 GiB free (docker data, stack)"
+    assert rows[0].detail == "23% used, 78.9 GiB free (data volume, stack)"
     rows = health.disk_rows(settings(health={"disk_critical_percent": 80,
                                             "disk_warn_percent": 20}), 0, DF, 0.1)
     assert [r.status for r in rows] == [WARNING, CRITICAL]
@@ -203,3 +226,59 @@ def test_a_probe_that_did_not_report_is_critical():
     s = settings()
     rows = health.evaluate(s, [Probe("prometheus", "prometheus", "true")], {})
     assert rows[0].status == CRITICAL
+
+
+def test_certificate_probe_reads_the_served_certificate_for_real(tmp_path):
+    """curl's %{certs} (or the openssl fallback) against a real TLS server here."""
+    import socket
+    import time
+
+    from conftest import free_port
+
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:P-256", "-nodes", "-days", "10", "-subj",
+                    "/CN=maicivy.test", "-keyout", str(tmp_path / "k.pem"),
+                    "-out", str(tmp_path / "c.pem")], check=True, capture_output=True)
+    port = free_port()
+    server = subprocess.Popen(["openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-cert",
+                               str(tmp_path / "c.pem"), "-key", str(tmp_path / "k.pem"),
+                               "-www", "-quiet"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "openssl s_server did not start"
+                time.sleep(0.1)
+        s = settings(publish={"bind": "127.0.0.1", "https": port})
+        probe = next(p for p in health.probes(s) if p.id == "cert_0")
+        results = run_script([probe], 10)
+        rc, _, output = results["cert_0"]
+        row = health.cert_row(s, "maicivy.test", rc, output, time.time(), 10, 0.1)
+        assert row.status == WARNING  # 10 days < tls.warn_days (21)
+        assert row.detail.startswith(("9 days left", "10 days left"))
+        assert "maicivy.test), self-signed stand-in" in row.detail
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def test_curl_certificate_details_become_x509_fields():
+    text = """Subject:CN = maicivy.test
+Issuer:C = US, O = Pebble, CN = Pebble Intermediate CA 7afd1e
+Serial Number:0a1b
+Expire date:Dec  4 22:00:28 2026 GMT
+-----BEGIN CERTIFICATE-----
+-----END CERTIFICATE-----
+Subject:CN = Pebble Intermediate CA 7afd1e
+Issuer:CN = Pebble Root CA
+Expire date:Jan  1 00:00:00 2056 GMT"""
+    from fabfile.ssl import parse_x509
+
+    info = parse_x509("maicivy.test", "served", health.curl_certs_to_x509(text), 0)
+    assert (info.subject, info.issuer, info.serial) == (
+        "maicivy.test", "Pebble Intermediate CA 7afd1e", "0a1b")
+    assert info.not_after == "2026-12-04T22:00:28Z"
