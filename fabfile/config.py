@@ -115,6 +115,9 @@ DEFAULTS: dict[str, Any] = {
         "lock_wait_seconds": 10,
         "max_age_hours": 26,
         "min_size_bytes": 1024,
+        # backup.check: the newest backup may not shrink more than this vs the previous.
+        "max_shrink_percent": 50,
+        "bgsave_timeout_seconds": 300,
         "textfile_dir": "/var/lib/node_exporter/textfile_collector",
         "s3": {"bucket": "", "prefix": "maicivy/", "endpoint": "", "region": "us-east-1"},
     },
@@ -150,6 +153,22 @@ DEFAULTS: dict[str, Any] = {
         "frontend_path": "/",
     },
     "deploy": {"keep_releases": 3, "health_timeout_seconds": 120},
+    # What `provision` sets up on a fresh server (fabfile/provision.py).
+    "provision": {
+        # Port sshd listens on: ufw rate-limits it and keeps it open.
+        "ssh_port": 22,
+        # Extra pip options for installing maicivy-ops on the server, e.g.
+        # "--no-index --find-links /opt/wheels" where there is no package index.
+        "pip_options": "",
+        "log_dir": "/var/log/maicivy",
+        # cron schedules (minute hour day-of-month month day-of-week).
+        "cron": {
+            "postgres_backup": "15 3 * * *",
+            "redis_backup": "45 3 * * *",
+            "ssl_renew": "30 4 * * *",
+            "restore_drill": "0 5 * * 0",
+        },
+    },
     # Run privileged commands through ``sudo -n`` (when the SSH user is not root).
     "sudo": False,
     # known_hosts files used to verify server host keys (in addition to
@@ -398,6 +417,25 @@ def validate(data: Mapping) -> None:
     for tier in DEFAULTS["backup"]["keep"]:
         _check(data, f"backup.keep.{tier}", lambda v: _is_int(v, 0, 10000), "an integer >= 0")
     _check(data, "backup.min_keep", lambda v: _is_int(v, 1, 1000), "an integer >= 1")
+    _check(data, "backup.lock_wait_seconds", lambda v: _is_int(v, 0, 86400),
+           "a number of seconds 0-86400")
+    _check(data, "backup.max_age_hours", lambda v: _is_number(v, 0, 24 * 365) and v > 0,
+           "a positive number of hours")
+    _check(data, "backup.min_size_bytes", lambda v: _is_int(v, 0, 10**15), "a number of bytes")
+    _check(data, "backup.max_shrink_percent", lambda v: _is_int(v, 0, 100),
+           "a percentage 0-100 (0 disables the check)")
+    _check(data, "backup.bgsave_timeout_seconds", lambda v: _is_int(v, 1, 86400),
+           "a number of seconds 1-86400")
+    _check(data, "backup.s3.bucket", lambda v: isinstance(v, str)
+           and (v == "" or re.match(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$", v)),
+           "empty or an S3 bucket name (lower case, 3-63 characters)")
+    _check(data, "backup.s3.prefix", lambda v: isinstance(v, str) and not v.startswith("/")
+           and " " not in v, "a key prefix such as maicivy/ (no leading /)")
+    _check(data, "backup.s3.endpoint", lambda v: isinstance(v, str)
+           and (v == "" or re.match(r"^https?://[^\s/]+(/.*)?$", v)),
+           "empty (AWS) or an http(s):// URL of an S3-compatible service")
+    _check(data, "backup.s3.region", lambda v: isinstance(v, str) and " " not in v,
+           "a region name such as us-east-1")
     _check(
         data,
         "backup.compression",
@@ -454,7 +492,35 @@ def validate(data: Mapping) -> None:
            "a number of seconds")
     _check(data, "tls.warn_days", lambda v: _is_int(v, 1, 365), "a number of days")
     _check(data, "tls.critical_days", lambda v: _is_int(v, 0, 365), "a number of days")
+    if data["tls"]["critical_days"] >= data["tls"]["warn_days"]:
+        _fail("tls.critical_days", "smaller than maicivy.tls.warn_days",
+              data["tls"]["critical_days"])
+    _check(data, "tls.acme_server", lambda v: isinstance(v, str)
+           and re.match(r"^https://[^\s'\"]+$", v), "an https:// ACME directory URL")
+    _check(data, "tls.staging", lambda v: isinstance(v, bool), "true or false")
+    _check(data, "tls.email", lambda v: v == "" or (isinstance(v, str)
+           and re.match(r"^[^@\s'\"]+@[^@\s'\"]+\.[^@\s'\"]+$", v)),
+           "empty or an e-mail address")
+    _check(data, "tls.ca_bundle", lambda v: v == "" or (isinstance(v, str)
+           and v.startswith("/") and " " not in v), "empty or an absolute path on the server")
+    for key in ("disk_warn_percent", "disk_critical_percent"):
+        _check(data, f"health.{key}", lambda v: _is_number(v, 1, 100), "a percentage 1-100")
+    if data["health"]["disk_warn_percent"] > data["health"]["disk_critical_percent"]:
+        _fail("health.disk_warn_percent", "at most maicivy.health.disk_critical_percent",
+              data["health"]["disk_warn_percent"])
     _check(data, "deploy.keep_releases", lambda v: _is_int(v, 1, 100), "an integer >= 1")
+    _check(data, "deploy.health_timeout_seconds", lambda v: _is_int(v, 5, 3600),
+           "a number of seconds 5-3600")
+    _check(data, "provision.ssh_port", lambda v: _is_int(v, 1, 65535), "a port number 1-65535")
+    _check(data, "provision.pip_options", lambda v: isinstance(v, str)
+           and re.match(r"^[A-Za-z0-9 ._/:=+,@-]*$", v),
+           "pip options (letters, digits, spaces and ._/:=+,@- only)")
+    _check(data, "provision.log_dir", lambda v: isinstance(v, str) and v.startswith("/")
+           and " " not in v, "an absolute path without spaces")
+    for name in DEFAULTS["provision"]["cron"]:
+        _check(data, f"provision.cron.{name}", lambda v: isinstance(v, str)
+               and re.match(r"^[0-9*/,-]+( [0-9*/,A-Za-z-]+){4}$", v),
+               "a cron schedule of 5 fields such as '15 3 * * *'")
     _check(data, "sudo", lambda v: isinstance(v, bool), "true or false")
     _check(data, "known_hosts", lambda v: isinstance(v, list)
            and all(isinstance(p, str) for p in v), "a list of file paths")
