@@ -44,7 +44,6 @@ from .release import (
     gate_script,
     image_refs,
     lock_script,
-    log_append,
     log_line,
     parse_images,
     parse_plan,
@@ -159,6 +158,18 @@ class DeployLock:
                 return "".join(lines), None
         raise OpsError("the lock command did not answer in time")
 
+    def log(self, line: str) -> None:
+        """Append a line to the deploy log on the server (through the lock holder)."""
+        data = (line.replace("\n", " ") + "\n").encode()
+        try:
+            if self._chan is not None:
+                self._chan.sendall(data)
+            elif self._proc is not None:
+                self._proc.stdin.write(data)
+                self._proc.stdin.flush()
+        except OSError as exc:  # the connection is gone; keep the original error
+            self.host.say(f"warning: could not write the deploy log: {exc}")
+
     def release(self) -> None:
         if self._chan is not None:
             try:
@@ -213,11 +224,13 @@ def converge(host: Host, settings: Settings, plan: Plan) -> list[str]:
         good = plan.good(service)
         if not good:
             host.say(f"{service}: starting the new container beside the old one")
-            r = host.run(scale_up_cmd(settings, service, len(running) + 1, timeout),
+            r = host.run(scale_up_cmd(settings, service, len(running) + 1, timeout,
+                                      [c.id for c in plan.of(service)]),
                          sudo=True, warn=True, timeout=timeout + 120)
             if r.failed:
+                status = " ".join(sections(r.stdout).get("status", [])) or "no status"
                 raise DeployFailed(f"the new {service} container did not become healthy "
-                                   f"within {timeout}s")
+                                   f"within {timeout}s ({status})")
         # Retire everything but the newest good container.
         keep = sorted(good, key=lambda c: c.created)[-1:] if good else []
         old = [c for c in running if c not in keep]
@@ -261,13 +274,14 @@ def health_gate(host: Host, settings: Settings, attempts: int = 5) -> list[str]:
     return problems
 
 
-def _plan(host: Host, settings: Settings, refs, pull: bool) -> Plan:
-    r = host.run(plan_script(settings, refs, pull), sudo=True, warn=True, timeout=1800)
+def _plan(host: Host, settings: Settings, refs, pull: bool, http: bool = False):
+    """(Pull,) read the stack's state and plan; returns (plan, raw output)."""
+    r = host.run(plan_script(settings, refs, pull, http), sudo=True, warn=True, timeout=1800)
     if r.failed:
         detail = (r.stderr or r.stdout).strip().splitlines()
         what = "docker compose pull" if pull else "reading the stack's state"
         raise OpsError(f"{host.name}: {what} failed: {detail[-1] if detail else 'no output'}")
-    return parse_plan(r.stdout, refs)
+    return parse_plan(r.stdout, refs), r.stdout
 
 
 def restore(host: Host, settings: Settings, tar: str, managed, images) -> list[str]:
@@ -281,7 +295,7 @@ def roll_back(host: Host, settings: Settings, tar: str, managed, images, changed
     restored = restore(host, settings, tar, managed, images)
     refs = image_refs(settings)
     refs.update({s: ref for s, (ref, _i) in images.items()})
-    plan = _plan(host, settings, refs, pull=False)
+    plan, _ = _plan(host, settings, refs, pull=False)
     touched = converge(host, settings, plan)
     reload_changed(host, settings, set(changed) | set(restored), touched)
     problems = health_gate(host, settings)
@@ -297,12 +311,13 @@ def deploy_host(host: Host, settings: Settings) -> str:
     lock = DeployLock(host, settings, managed)
     state = lock.acquire()
     try:
-        return _deploy_locked(host, settings, files, state)
+        return _deploy_locked(host, settings, files, state, lock)
     finally:
         lock.release()
 
 
-def _deploy_locked(host: Host, settings: Settings, files, state: ServerState) -> str:
+def _deploy_locked(host: Host, settings: Settings, files, state: ServerState,
+                   lock: DeployLock) -> str:
     d = state_dir(settings)
     root = settings.root.rstrip("/")
     managed = list(files)
@@ -316,7 +331,7 @@ def _deploy_locked(host: Host, settings: Settings, files, state: ServerState) ->
         host.say(f"uploaded {len(changed)} changed file(s): {', '.join(changed_rel)}")
     refs = image_refs(settings)
     try:
-        plan = _plan(host, settings, refs, pull=True)
+        plan, output = _plan(host, settings, refs, pull=True, http=True)
     except OpsError:
         if changed:  # nothing runs on the new files yet: put the old ones back
             restore(host, settings, f"{d}/pre/files.tar", managed, {})
@@ -325,10 +340,13 @@ def _deploy_locked(host: Host, settings: Settings, files, state: ServerState) ->
     wanted = {s: (refs[s], plan.wanted_image[s]) for s in SERVICES}
     reloads = reloads_for(changed_rel)
     if plan.unchanged and not reloads:
-        problems = health_gate(host, settings)
+        # The plan command already fetched the health URLs: it is the gate.
+        problems = gate_failures(output)
+        if problems:  # maybe a blip: look again, a few times
+            problems = health_gate(host, settings)
         result = "unchanged" if not problems else "unhealthy"
-        host.run(log_append(settings, log_line(now(), local_user(), result, state.current,
-                                               wanted, "; ".join(problems))), sudo=True)
+        lock.log(log_line(now(), local_user(), result, state.current, wanted,
+                          "; ".join(problems)))
         if problems:
             raise OpsError(f"{host.name}: nothing to change, but the stack is not healthy: "
                            f"{'; '.join(problems)}")
@@ -353,20 +371,17 @@ def _deploy_locked(host: Host, settings: Settings, files, state: ServerState) ->
         reason = str(exc)
         host.say(f"{host.name}: deploy failed ({reason}); rolling back")
         if not before:
-            host.run(log_append(settings, log_line(now(), local_user(), "failed", "", wanted,
-                                                   reason)), sudo=True)
+            lock.log(log_line(now(), local_user(), "failed", "", wanted, reason))
             raise OpsError(f"{host.name}: deploy failed: {reason}; there was no previous "
                            "release to return to") from exc
         try:
             roll_back(host, settings, f"{d}/pre/files.tar", managed, before, changed_rel)
         except OpsError as again:
-            host.run(log_append(settings, log_line(now(), local_user(), "rollback-failed",
-                                                   state.current, before, f"{reason}; {again}")),
-                     sudo=True, warn=True)
+            lock.log(log_line(now(), local_user(), "rollback-failed", state.current, before,
+                              f"{reason}; {again}"))
             raise OpsError(f"{host.name}: deploy failed ({reason}) and the rollback failed "
                            f"too: {again}") from exc
-        host.run(log_append(settings, log_line(now(), local_user(), "rolled-back",
-                                               state.current, before, reason)), sudo=True)
+        lock.log(log_line(now(), local_user(), "rolled-back", state.current, before, reason))
         raise OpsError(f"{host.name}: deploy failed: {reason}; rolled back automatically to "
                        "the previous images and config, which serve again") from exc
     host.run(record_script(settings, release, managed, wanted,
@@ -469,8 +484,8 @@ def rollback(c):
         d = shlex.quote(state_dir(settings))
         host.run(f"echo {shlex.quote(target)} > {d}/current.tmp && mv -f {d}/current.tmp "
                  f"{d}/current", sudo=True)
-        host.run(log_append(settings, log_line(now(), local_user(), "rollback", target, images,
-                                               f"from {state.current}")), sudo=True)
+        lock.log(log_line(now(), local_user(), "rollback", target, images,
+                          f"from {state.current}"))
         host.say(f"{host.name}: release {target} is live again; all services healthy")
     finally:
         lock.release()

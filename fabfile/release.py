@@ -67,8 +67,9 @@ def lock_script(settings: Settings, owner: str, managed: Iterable[str]) -> str:
     closes and the lock is released -- a killed deploy leaves no stale lock.
     Before blocking, it prints ``== locked``, a snapshot of the managed files
     (``pre/files.tar``), their hashes, the current release and the names of
-    unset .env secrets, then ``== ready``. If the lock is held: ``== busy``
-    with the holder's line, exit 75.
+    unset .env secrets, then ``== ready``. Lines written to its stdin are
+    appended to the deploy log (no extra command). If the lock is held:
+    ``== busy`` with the holder's line, exit 75.
     """
     d = shlex.quote(state_dir(settings))
     root = shlex.quote(settings.root.rstrip("/"))
@@ -85,8 +86,9 @@ def lock_script(settings: Settings, owner: str, managed: Iterable[str]) -> str:
         "echo '== locked'",
         *_state_lines(settings, quoted, snapshot=True),
         "echo '== ready'",
-        # Hold the lock until our stdin closes (end of deploy or lost connection).
-        "cat >/dev/null 9>&-",
+        # Hold the lock until our stdin closes (end of deploy or lost connection);
+        # what the deploy writes there are its deploy log lines.
+        'cat >> "$D/deploy.log" 9>&-',
         'rm -f "$D/lock.owner"',
     ])
 
@@ -196,8 +198,13 @@ def inspect_containers_cmd(settings: Settings) -> str:
             f"xargs -r docker inspect --format {shlex.quote(_INSPECT)}")
 
 
-def plan_script(settings: Settings, refs: Mapping[str, str], pull: bool) -> str:
-    """(Pull, then) report wanted config hashes, image IDs and the containers."""
+def plan_script(settings: Settings, refs: Mapping[str, str], pull: bool,
+                http: bool = False) -> str:
+    """(Pull, then) report wanted config hashes, image IDs and the containers.
+
+    With ``http``, also the health URLs through nginx: when nothing needs to
+    change, this one command is the health gate too.
+    """
     lines = ["set -e"]
     if pull:
         lines.append(compose(settings, "pull", "--quiet"))
@@ -211,6 +218,8 @@ def plan_script(settings: Settings, refs: Mapping[str, str], pull: bool) -> str:
         lines.append(f"printf '%s %s\\n' {q} \"$(docker image inspect --format '{{{{.Id}}}}' "
                      f"{q} 2>/dev/null || echo missing)\"")
     lines += ["echo '== containers'", inspect_containers_cmd(settings)]
+    if http:
+        lines += http_lines(settings)
     return "\n".join(lines)
 
 
@@ -321,10 +330,41 @@ def parse_plan(text: str, refs: Mapping[str, str], nginx: str = "nginx") -> Plan
 # --- converging -------------------------------------------------------------------
 
 
-def scale_up_cmd(settings: Settings, service: str, count: int, timeout: int) -> str:
-    """Start one more container of ``service`` (the new config) and wait for its health."""
-    return compose(settings, "up", "-d", "--no-deps", "--no-recreate", "--scale",
-                   f"{service}={count}", "--wait", "--wait-timeout", str(timeout), service)
+def scale_up_cmd(settings: Settings, service: str, count: int, timeout: int,
+                 known: Iterable[str] = ()) -> str:
+    """Start one more container of ``service`` (the new config) and wait for its health.
+
+    Waits for the *new* container only (``known`` are the IDs that existed
+    before): ``compose up --wait`` would also judge the old ones. Prints
+    ``== new <id>``; exits 0 once it is healthy, non-zero with ``== status``
+    if it turns unhealthy, exits or is not healthy after ``timeout`` seconds.
+    """
+    label = shlex.quote(f"label=com.docker.compose.project={settings.compose_project}")
+    svc = shlex.quote(f"label=com.docker.compose.service={service}")
+    known_ids = " ".join(known)
+    up = compose(settings, "up", "-d", "--no-deps", "--no-recreate", "--scale",
+                 f"{service}={count}", service)
+    return "\n".join([
+        "set -e",
+        f"{up} 2>&1",
+        f"known={shlex.quote(' ' + known_ids + ' ')}; new=",
+        f"for id in $(docker ps -aq --no-trunc --filter {label} --filter {svc}); do",
+        '  case "$known" in *" $id "*) ;; *) new="$id";; esac',
+        "done",
+        "[ -n \"$new\" ] || { echo '== status no new container'; exit 3; }",
+        'echo "== new $new"',
+        f"end=$(( $(date +%s) + {int(timeout)} ))",
+        "while :; do",
+        "  st=$(docker inspect --format '{{.State.Status}} {{if .State.Health}}"
+        "{{.State.Health.Status}}{{else}}none{{end}}' \"$new\")",
+        '  case "$st" in',
+        '    "running healthy"|"running none") echo "== status $st"; exit 0;;',
+        '    *unhealthy*|exited*|dead*) echo "== status $st"; exit 4;;',
+        "  esac",
+        '  [ "$(date +%s)" -ge "$end" ] && { echo "== status $st (timed out)"; exit 5; }',
+        "  sleep 0.5",
+        "done",
+    ])
 
 
 def nginx_reload_cmd(settings: Settings) -> str:
@@ -404,22 +444,29 @@ def reload_cmd(settings: Settings, service: str) -> str:
 
 def gate_script(settings: Settings) -> str:
     """Compose health of every service, then HTTP status through nginx."""
+    return "\n".join(["echo '== containers'", inspect_containers_cmd(settings),
+                      *http_lines(settings)])
+
+
+def http_lines(settings: Settings) -> list[str]:
+    """``== http`` then ``path status`` of each health URL, fetched in parallel."""
     addr = settings.publish.bind
     if addr in ("0.0.0.0", "::", ""):
         addr = "127.0.0.1"
     port = settings.publish.https
     domain = settings.domain
     timeout = settings.health.timeout_seconds
-    lines = ["echo '== containers'", inspect_containers_cmd(settings), "echo '== http'"]
+    lines = ["echo '== http'"]
     for path in (settings.health.backend_path, settings.health.backend_deep_path,
                  settings.health.frontend_path):
         url = f"https://{domain}:{port}{path}"
         lines.append(
             f"printf '%s %s\\n' {shlex.quote(path)} \"$(curl -sk -o /dev/null "
             f"-w '%{{http_code}}' --max-time {timeout} "
-            f"--resolve {shlex.quote(f'{domain}:{port}:{addr}')} {shlex.quote(url)})\""
+            f"--resolve {shlex.quote(f'{domain}:{port}:{addr}')} {shlex.quote(url)})\" &"
         )
-    return "\n".join(lines)
+    lines.append("wait")
+    return lines
 
 
 def gate_failures(text: str, services: Iterable[str] = SERVICES) -> list[str]:

@@ -37,7 +37,7 @@ class Rig:
     def __init__(self, ssh_host, tmp):
         self.ssh_host = ssh_host
         self.tmp = tmp
-        self.stack = StackRig(ssh_host, tmp, PROJECT, deploy={"health_timeout_seconds": 30})
+        self.stack = StackRig(ssh_host, tmp, PROJECT, deploy={"health_timeout_seconds": 20})
         self.settings = self.stack.settings
         self.base = dict(self.stack.overrides)
         self.root = tmp / "srv"

@@ -206,8 +206,12 @@ def test_lock_refuses_a_second_holder_and_is_released_with_its_holder(tmp_path):
     first._proc.wait()
     first._proc = None
     assert second.acquire().busy is None
+    second.log("2026-11-25T10:00:00Z user=bob@desk result=ok")
     second.release()
     assert not (tmp_path / "srv/.deploy/lock.owner").exists()
+    # What the holder is given on stdin goes to the deploy log.
+    log = (tmp_path / "srv/.deploy/deploy.log").read_text()
+    assert log == "2026-11-25T10:00:00Z user=bob@desk result=ok\n"
 
 
 def test_lock_snapshot_holds_the_managed_files(tmp_path):
