@@ -8,8 +8,10 @@ server. The tests run in order and each leaves the stack healthy.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -210,6 +212,31 @@ def test_disk_full_leaves_no_partial_file_and_the_older_backups_intact(rig, tmp_
     finally:
         rig.psql("DROP TABLE IF EXISTS bulk")
         subprocess.run(["umount", str(full)], check=False)
+
+
+def test_an_interrupted_backup_leaves_nothing_and_no_stale_lock(rig):
+    rig.psql("CREATE TABLE bulk AS SELECT g, repeat(md5(g::text), 8) AS v "
+             "FROM generate_series(1, 150000) g")
+    files = rig.files("postgres")
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            proc = subprocess.Popen(rig.inv_argv("backup.postgres"), cwd="/",
+                                    env=rig._env(None, None), stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    start_new_session=True)
+            deadline = time.monotonic() + 60
+            while not [f for f in rig.files("postgres") if f.endswith(".partial")]:
+                assert time.monotonic() < deadline and proc.poll() is None, "no dump started"
+                time.sleep(0.02)
+            os.killpg(proc.pid, sig)  # Ctrl-C in a terminal / cron or systemd stopping it
+            proc.communicate(timeout=60)
+            assert proc.returncode != 0
+            assert rig.files("postgres") == files
+        # The lock died with the run: the next one does not wait.
+        ok(rig.fab("backup.postgres", "--no-prune",
+                   config=rig.config(backup={"lock_wait_seconds": 0})))
+    finally:
+        rig.psql("DROP TABLE IF EXISTS bulk")
 
 
 def test_check_list_and_the_restore_drill(rig):
