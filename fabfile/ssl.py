@@ -191,7 +191,7 @@ def certbot_error(output: str) -> str:
     lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
     keep = [ln for ln in lines if re.search(r"(Detail:|[Ee]rror|failed|Failed|Unable|refused)",
                                            ln) and "Ask for help" not in ln
-            and "log file" not in ln and "logs" not in ln]
+            and "log file" not in ln and "logs" not in ln and not ln.endswith(":")]
     chosen = keep[-3:] if keep else lines[-2:]
     return "; ".join(dict.fromkeys(chosen)) or "no output"
 

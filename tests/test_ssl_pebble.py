@@ -102,6 +102,16 @@ def test_status_shows_issuer_expiry_and_days_left(stack):
     assert any(line.startswith(SITE) and "Pebble Intermediate CA" in line for line in table)
 
 
+def test_obtain_dry_run_shows_the_certbot_commands_and_changes_nothing(stack):
+    serials = {n: lineage_serial(stack, n) for n in (SITE, GRAFANA)}
+    proc = fab(stack, "ssl.obtain", "--force", "--dry-run")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    planned = [ln for ln in proc.stdout.splitlines() if "[dry-run] would run:" in ln
+               and " certbot certonly " in ln]
+    assert len(planned) == 2 and all("--force-renewal" in ln for ln in planned)
+    assert {n: lineage_serial(stack, n) for n in (SITE, GRAFANA)} == serials
+
+
 def test_obtain_again_keeps_the_certificates_that_are_not_due(stack):
     serials = {n: lineage_serial(stack, n) for n in (SITE, GRAFANA)}
     proc = inv(stack, "ssl.obtain")
