@@ -22,14 +22,18 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# Test certificates are self-signed: no verification (and no CA bundle to load
+# for every request, which costs tens of milliseconds).
+_CONTEXT = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+_CONTEXT.check_hostname = False
+_CONTEXT.verify_mode = ssl.CERT_NONE
+
+
 class _SNIConnection(HTTPSConnection):
     """HTTPS to 127.0.0.1:port with the site's name in SNI and Host."""
 
     def __init__(self, domain: str, port: int, timeout: float):
-        ctx = ssl.create_default_context()
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-        super().__init__(domain, port, timeout=timeout, context=ctx)
+        super().__init__(domain, port, timeout=timeout, context=_CONTEXT)
         self._domain = domain
 
     def connect(self):
@@ -49,66 +53,91 @@ def get(domain: str, port: int, path: str, timeout: float = 5.0) -> tuple[int, b
 
 @dataclass
 class ClientLoop:
-    """Requests through nginx at a steady rate, in a thread; counts what failed.
+    """Requests through nginx at a steady rate, from a few threads; counts failures.
 
     Every request is a new TLS connection (no retry on a stale keep-alive), so a
-    failure is a real one. Bounded in time: it stops by itself after
-    ``max_seconds``.
+    failure is a real one. ``workers`` threads share the rate. Bounded in time:
+    it stops by itself after ``max_seconds``.
     """
 
     domain: str
     port: int
     paths: tuple[str, ...] = ("/health", "/")
     rate: float = 50.0
+    workers: int = 4
     max_seconds: float = 600.0
     ok: int = 0
     failures: list[str] = field(default_factory=list)
+    failure_times: list[float] = field(default_factory=list)
     versions: list[str] = field(default_factory=list)
     statuses: Counter = field(default_factory=Counter)
 
     def __post_init__(self):
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True)
+                         for i in range(self.workers)]
+        self.started = self.stopped = 0.0
 
-    def _run(self):
-        interval = 1.0 / self.rate
+    def _record(self, path, status, body, error):
+        with self._lock:
+            if error is not None or status != 200:
+                self.failures.append(f"{path}: {error or f'HTTP {status}'}")
+                self.failure_times.append(time.monotonic())
+                if status:
+                    self.statuses[status] += 1
+                return
+            self.statuses[status] += 1
+            self.ok += 1
+            if path == "/health":
+                version = json.loads(body).get("version", "")
+                if not self.versions or self.versions[-1] != version:
+                    self.versions.append(version)
+
+    def _run(self, index: int):
+        interval = self.workers / self.rate
         deadline = time.monotonic() + self.max_seconds
-        nxt = time.monotonic()
-        i = 0
+        nxt = time.monotonic() + index * interval / self.workers
+        i = index
         while not self._stop.is_set() and time.monotonic() < deadline:
+            delay = nxt - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            nxt = max(nxt + interval, time.monotonic() - interval)
             path = self.paths[i % len(self.paths)]
             i += 1
             try:
                 status, body = get(self.domain, self.port, path)
-                self.statuses[status] += 1
-                if status != 200:
-                    self.failures.append(f"{path}: HTTP {status}")
-                else:
-                    self.ok += 1
-                    if path == "/health":
-                        version = json.loads(body).get("version", "")
-                        if not self.versions or self.versions[-1] != version:
-                            self.versions.append(version)
+                self._record(path, status, body, None)
             except Exception as exc:  # a failed request is what we count
-                self.failures.append(f"{path}: {type(exc).__name__}: {exc}")
-            nxt += interval
-            delay = nxt - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-            else:
-                nxt = time.monotonic()
+                self._record(path, 0, b"", f"{type(exc).__name__}: {exc}")
 
     def __enter__(self):
-        self._thread.start()
+        self.started = time.monotonic()
+        for t in self._threads:
+            t.start()
         return self
 
     def __exit__(self, *exc):
         self._stop.set()
-        self._thread.join(timeout=30)
+        for t in self._threads:
+            t.join(timeout=30)
+        self.stopped = time.monotonic()
 
     @property
     def total(self) -> int:
         return self.ok + len(self.failures)
+
+    @property
+    def achieved_rate(self) -> float:
+        return self.total / max(self.stopped - self.started, 1e-9)
+
+    @property
+    def outage_seconds(self) -> float:
+        """From the first failed request to the last one (0 if none failed)."""
+        if not self.failure_times:
+            return 0.0
+        return max(self.failure_times) - min(self.failure_times)
 
 
 def write_config(path: Path, overrides: dict, known_hosts: list[str]) -> Path:
@@ -285,3 +314,44 @@ def start_provision_host(image: str, name: str, pubkey: Path, work: Path) -> Pro
 def stop_provision_host(name: str) -> None:
     subprocess.run(["docker", "rm", "-f", name], capture_output=True)
     subprocess.run(["docker", "network", "rm", name], capture_output=True)
+
+
+def start_sshd(work: Path):
+    """A throw-away sshd on 127.0.0.1 (as the ``ssh_host`` fixture), for bench scripts.
+
+    Returns (SSHHost, process); terminate the process when done.
+    """
+    import pwd
+
+    from conftest import SSHHost, free_port, wait_port
+
+    work.mkdir(parents=True, exist_ok=True)
+    os.chmod(work, 0o755)
+    host_key, client_key = work / "ssh_host_ed25519_key", work / "client_ed25519"
+    for key in (host_key, client_key):
+        if not key.exists():
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)],
+                           check=True)
+    authorized = work / "authorized_keys"
+    authorized.write_text(client_key.with_suffix(".pub").read_text())
+    authorized.chmod(0o600)
+    port = free_port()
+    config = work / "sshd_config"
+    config.write_text("\n".join([
+        f"Port {port}", "ListenAddress 127.0.0.1", f"HostKey {host_key}",
+        f"PidFile {work / 'sshd.pid'}", f"AuthorizedKeysFile {authorized}",
+        "PasswordAuthentication no", "KbdInteractiveAuthentication no",
+        "PermitRootLogin prohibit-password", "StrictModes no", "UsePAM no", "MaxSessions 64",
+        "MaxStartups 64:30:128", "Subsystem sftp internal-sftp", ""]))
+    Path("/run/sshd").mkdir(exist_ok=True)
+    log = open(work / "sshd.log", "wb")  # noqa: SIM115 - lives as long as sshd
+    proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(config)], stdout=log,
+                            stderr=subprocess.STDOUT)
+    wait_port(port)
+    kind, key = host_key.with_suffix(".pub").read_text().split()[:2]
+    known = work / "known_hosts"
+    known.write_text(f"[127.0.0.1]:{port} {kind} {key}\n")
+    host = SSHHost(host="127.0.0.1", port=port, user=pwd.getpwuid(os.getuid()).pw_name,
+                   client_key=client_key, known_hosts=known, host_pubkey=f"{kind} {key}",
+                   workdir=work)
+    return host, proc
