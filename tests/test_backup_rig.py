@@ -214,6 +214,17 @@ def test_disk_full_leaves_no_partial_file_and_the_older_backups_intact(rig, tmp_
         subprocess.run(["umount", str(full)], check=False)
 
 
+def _wait_group_gone(pgid: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        assert time.monotonic() < deadline, "the interrupted run did not end"
+        time.sleep(0.05)
+
+
 def test_an_interrupted_backup_leaves_nothing_and_no_stale_lock(rig):
     rig.psql("CREATE TABLE bulk AS SELECT g, repeat(md5(g::text), 8) AS v "
              "FROM generate_series(1, 150000) g")
@@ -231,6 +242,7 @@ def test_an_interrupted_backup_leaves_nothing_and_no_stale_lock(rig):
             os.killpg(proc.pid, sig)  # Ctrl-C in a terminal / cron or systemd stopping it
             proc.communicate(timeout=60)
             assert proc.returncode != 0
+            _wait_group_gone(proc.pid)  # the server-side script cleans up as it exits
             assert rig.files("postgres") == files
         # The lock died with the run: the next one does not wait.
         ok(rig.fab("backup.postgres", "--no-prune",
