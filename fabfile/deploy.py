@@ -321,6 +321,9 @@ def _deploy_locked(host: Host, settings: Settings, files, state: ServerState,
     d = state_dir(settings)
     root = settings.root.rstrip("/")
     managed = list(files)
+    if ".env" in state.unset:
+        raise OpsError(f"{host.name}: {settings.env_file} does not exist; run provision "
+                       "(it creates it with strong secrets) and deploy again")
     if state.unset:
         raise OpsError(f"{host.name}: {settings.env_file} lacks {', '.join(state.unset)}; "
                        "run provision (it fills missing secrets) and deploy again")

@@ -110,6 +110,9 @@ def test_first_deploy_brings_every_service_up_healthy(rig):
     proc = rig.deploy(timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert rig.stack.service_health() == {name: "healthy" for name in SERVICES}
+    env = (rig.root / ".env").read_text().splitlines()
+    secrets = [line.split("=", 1)[1] for line in env if "PASSWORD=" in line]
+    assert secrets and not any(v in proc.stdout + proc.stderr for v in secrets if v)
     assert rig.backend_version() == "v1"
     assert "release v1" in rig.frontend_page()
     assert re.search(r"result=ok release=\d{8}T\d{6}Z images=backend=\S+/backend:v1@",
@@ -150,6 +153,7 @@ def test_new_backend_image_is_deployed_without_a_failed_request(rig):
     from rig.images import BACKEND_V2
 
     config = rig.use(images={"backend": BACKEND_V2})
+    others = {n: v for n, v in containers(PROJECT).items() if "-backend-" not in n}
     with ClientLoop(rig.domain, rig.https, rate=50) as loop:
         time.sleep(1)
         proc = rig.deploy(config=config)
@@ -167,6 +171,8 @@ def test_new_backend_image_is_deployed_without_a_failed_request(rig):
     assert rig.backend_version() == "v2"
     assert len(rig.running("backend")) == 1
     assert rig.stack.service_health() == {name: "healthy" for name in SERVICES}
+    # Services whose image and config did not change were not recreated.
+    assert {n: v for n, v in containers(PROJECT).items() if "-backend-" not in n} == others
 
 
 def test_broken_backend_is_rolled_back_automatically(rig):
