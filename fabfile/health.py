@@ -55,6 +55,7 @@ class Probe:
     id: str
     label: str
     command: str
+    parts: tuple[str, ...] = ()  # the checks a combined probe makes (http)
 
 
 @dataclass
@@ -68,13 +69,49 @@ class Row:
 # --- the probes -------------------------------------------------------------------
 
 
-def _https(settings: Settings, domain: str, path: str, timeout: float) -> str:
-    """curl through nginx on the server for ``domain`` (TLS + SNI), body then status."""
+def http_endpoints(settings: Settings) -> list[tuple[str, str, str, str]]:
+    """(key, label, host name, path) of the checks made through nginx."""
+    h = settings.health
+    return [
+        ("frontend", "frontend", settings.domain, h.frontend_path),
+        ("backend", f"backend {h.backend_path}", settings.domain, h.backend_path),
+        ("backend_deep", f"backend {h.backend_deep_path}", settings.domain, h.backend_deep_path),
+        ("grafana", "grafana", settings.grafana_domain, "/api/health"),
+    ]
+
+
+# (a --write-out starting with "@" would name a file to read the format from)
+_WRITE_OUT = "~~t %{filename_effective}|%{http_code}|%{time_total}|%{exitcode}|%{errormsg}\\n"
+
+
+def _http_command(settings: Settings, keys: list[str], timeout: float) -> str:
+    """One curl, all requests at once (--parallel), through nginx with SNI.
+
+    Each transfer gets ``timeout`` (--max-time is per transfer); the bodies
+    go to files in the script's temporary directory and are printed after.
+    """
     port = settings.publish.https
     address = local_address(settings)
-    resolve = f"{domain}:{port}:{f'[{address}]' if ':' in address else address}"
-    return (f"curl -sS -k --max-time {timeout + 1:g} --resolve {shlex.quote(resolve)} "
-            f"-w '\\n%{{http_code}}' {shlex.quote(f'https://{domain}:{port}{path}')}")
+    target = f"[{address}]" if ":" in address else address
+    chosen = [e for e in http_endpoints(settings) if e[0] in keys]
+    hosts = sorted({host for _, _, host, _ in chosen})
+    parts = ["curl -s -k --parallel --parallel-immediate --parallel-max 16",
+             f"--max-time {timeout:g}"]
+    parts += [f"--resolve {shlex.quote(f'{h}:{port}:{target}')}" for h in hosts]
+    parts.append(f"-w '{_WRITE_OUT}'")
+    for key, _, host, path in chosen:
+        parts.append(f"-o \"$T/http.{key}\" {shlex.quote(f'https://{host}:{port}{path}')}")
+    bodies = " ".join(key for key, _, _, _ in chosen)
+    return (" ".join(parts) + f" 2>/dev/null; for k in {bodies}; do echo \"@@body $k\"; "
+            "head -c 2000 \"$T/http.$k\" 2>/dev/null; echo; done")
+
+
+def http_probe(settings: Settings, keys: list[str] | None = None) -> Probe:
+    """The probe of the HTTP checks (all of them, or only ``keys``)."""
+    keys = keys or [e[0] for e in http_endpoints(settings)]
+    return Probe("http", "http", _http_command(settings, keys,
+                                                float(settings.health.timeout_seconds)),
+                 parts=tuple(keys))
 
 
 def disk_paths(settings: Settings) -> list[tuple[str, str]]:
@@ -89,9 +126,9 @@ def _disk_command(settings: Settings) -> str:
     return (
         f"root=$(docker volume inspect --format '{{{{.Mountpoint}}}}' {volume} 2>/dev/null "
         "|| docker info --format '{{.DockerRootDir}}' 2>/dev/null || true); "
-        "for p in \"$root\" " + paths + "; do "
-        "if [ -n \"$p\" ] && [ -e \"$p\" ]; then echo \"@@path $p\"; "
-        "df -P -k \"$p\" | tail -n 1; fi; done; echo \"@@docker $root\""
+        "set --; for p in \"$root\" " + paths + "; do "
+        "if [ -n \"$p\" ] && [ -e \"$p\" ]; then echo \"@@path $p\"; set -- \"$@\" \"$p\"; fi; "
+        "done; echo \"@@docker $root\"; echo @@df; df -P -k \"$@\""
     )
 
 
@@ -141,12 +178,15 @@ def _prometheus_ready(settings: Settings, timeout: float) -> str:
     server's curl (a few ms); otherwise ``docker exec`` its wget (~0.1 s more).
     """
     url = f"http://127.0.0.1:{settings.ports.prometheus}/-/ready"
-    return (f"c=$(docker ps -q {_project_filter(settings)} "
+    name = shlex.quote(f"{settings.compose_project}-prometheus-1")  # compose's own name
+    return (f"c={name}; pid=$(docker inspect --format '{{{{.State.Pid}}}}' \"$c\" 2>/dev/null); "
+            "if [ \"${pid:-0}\" -le 0 ]; then "
+            f"c=$(docker ps -q {_project_filter(settings)} "
             "--filter label=com.docker.compose.service=prometheus --filter status=running); "
             "c=${c%%$'\\n'*}; "
             "if [ -z \"$c\" ]; then echo 'no running prometheus container'; exit 1; fi; "
-            "if [ \"$EUID\" = 0 ] && command -v nsenter >/dev/null && "
-            "pid=$(docker inspect --format '{{.State.Pid}}' \"$c\") && [ \"${pid:-0}\" -gt 0 ]; "
+            "pid=$(docker inspect --format '{{.State.Pid}}' \"$c\"); fi; "
+            "if [ \"$EUID\" = 0 ] && [ \"${pid:-0}\" -gt 0 ] && command -v nsenter >/dev/null; "
             f"then exec nsenter -t \"$pid\" -n curl -sS -f --max-time {timeout + 1:g} {url}; fi; "
             f"exec docker exec \"$c\" wget -q -O - {url}")
 
@@ -154,14 +194,8 @@ def _prometheus_ready(settings: Settings, timeout: float) -> str:
 def probes(settings: Settings) -> list[Probe]:
     """Every check of health.check, as commands to run on the server."""
     t = float(settings.health.timeout_seconds)
-    h = settings.health
     out = [
-        Probe("frontend", "frontend", _https(settings, settings.domain, h.frontend_path, t)),
-        Probe("backend", f"backend {h.backend_path}",
-              _https(settings, settings.domain, h.backend_path, t)),
-        Probe("backend_deep", f"backend {h.backend_deep_path}",
-              _https(settings, settings.domain, h.backend_deep_path, t)),
-        Probe("grafana", "grafana", _https(settings, settings.grafana_domain, "/api/health", t)),
+        http_probe(settings),
         Probe("prometheus", "prometheus", _prometheus_ready(settings, t)),
         Probe("services", "services", _ps_command(settings)),
     ]
@@ -186,11 +220,12 @@ def probe_script(selected: list[Probe], timeout: float, parallel: bool = True) -
         "set -u",
         "export LC_ALL=C",
         'T=$(mktemp -d "${TMPDIR:-/tmp}/maicivy-health.XXXXXX") || exit 90',
+        "export T",
         "trap 'rm -rf \"$T\"' EXIT",
         "probe() {",
         "  local id=$1 t=${EPOCHREALTIME:-0.0}",
         "  local start=${t/./}",
-        f"  timeout -k 1 {timeout:g} bash -c \"$2\" >\"$T/$id.out\" 2>&1 </dev/null",
+        f"  timeout -k 1 {timeout + 1:g} bash -c \"$2\" >\"$T/$id.out\" 2>&1 </dev/null",
         "  local rc=$?",
         "  t=${EPOCHREALTIME:-0.0}",
         "  echo \"$rc $(( (${t/./} - start) / 1000 ))\" >\"$T/$id.rc\"",
@@ -252,6 +287,41 @@ def http_row(label: str, rc: int, output: str, timeout: float, seconds: float,
         if problem:
             return Row(label, CRITICAL, f"HTTP {status} but {problem}", seconds)
     return Row(label, OK, f"HTTP {status}", seconds)
+
+
+def http_rows(settings: Settings, keys: tuple[str, ...], rc: int, output: str,
+              timeout: float) -> list[Row]:
+    """Rows of the HTTP checks from the combined curl's write-out lines and bodies."""
+    transfers: dict[str, list[str]] = {}
+    bodies: dict[str, list[str]] = {}
+    current = None
+    for line in output.splitlines():
+        if line.startswith("~~t "):
+            fields = (line[4:].split("|", 4) + [""] * 5)[:5]
+            transfers[fields[0].rsplit("/http.", 1)[-1]] = fields[1:]
+            current = None
+        elif line.startswith("@@body "):
+            current = line[7:].strip()
+            bodies[current] = []
+        elif current is not None:
+            bodies[current].append(line)
+    rows = []
+    for key, label, _, _ in http_endpoints(settings):
+        if key not in keys:
+            continue
+        if key not in transfers:
+            detail = (f"no answer within {timeout:g}s" if _timed_out(rc, output)
+                      else f"unreachable: {_last_line(output)}")
+            rows.append(Row(label, CRITICAL, detail))
+            continue
+        code, took, exitcode, error = transfers[key]
+        body = "\n".join(bodies.get(key, [])).strip("\n")
+        curl_rc = int(exitcode) if exitcode.strip().isdigit() else (0 if code != "000" else 1)
+        text = (error or "no answer") if curl_rc else body
+        seconds = round(float(took), 3) if took.replace(".", "", 1).isdigit() else None
+        expect = _grafana_ok if key == "grafana" else None
+        rows.append(http_row(label, curl_rc, f"{text}\n{code}", timeout, seconds, expect))
+    return rows
 
 
 def _body_hint(body: str) -> str:
@@ -349,14 +419,20 @@ def disk_rows(settings: Settings, rc: int, output: str, seconds: float) -> list[
     if _timed_out(rc, output):
         return [Row("disk", CRITICAL, "df did not answer in time", seconds)]
     docker_root = ""
-    found: list[tuple[str, list[str]]] = []
+    paths: list[str] = []
+    table: list[list[str]] = []
+    in_df = False
     for line in output.splitlines():
         if line.startswith("@@docker "):
             docker_root = line[len("@@docker "):].strip()
         elif line.startswith("@@path "):
-            found.append((line[len("@@path "):], []))
-        elif found and line.strip():
-            found[-1][1].extend(line.split())
+            paths.append(line[len("@@path "):])
+        elif line == "@@df":
+            in_df = True
+        elif in_df and line.strip() and not line.startswith("Filesystem"):
+            table.append(line.split())
+    # df prints one line per argument, in order
+    found = list(zip(paths, table, strict=False))
     labels = {p: label for label, p in disk_paths(settings) if p}
     by_mount: dict[str, tuple[int, int, list[str]]] = {}
     for path, fields in found:
@@ -390,14 +466,14 @@ def evaluate(settings: Settings, selected: list[Probe],
     rows: list[Row] = []
     for p in selected:
         if p.id not in results:
-            rows.append(Row(p.label, CRITICAL, "the check did not report (script cut short?)"))
+            labels = [e[1] for e in http_endpoints(settings) if e[0] in p.parts] or [p.label]
+            rows += [Row(label, CRITICAL, "the check did not report (script cut short?)")
+                     for label in labels]
             continue
         rc, ms, output = results[p.id]
         seconds = round(ms / 1000, 3)
-        if p.id in ("frontend", "backend", "backend_deep"):
-            rows.append(http_row(p.label, rc, output, timeout, seconds))
-        elif p.id == "grafana":
-            rows.append(http_row(p.label, rc, output, timeout, seconds, expect=_grafana_ok))
+        if p.id == "http":
+            rows.extend(http_rows(settings, p.parts, rc, output, timeout))
         elif p.id == "prometheus":
             if _timed_out(rc, output):
                 rows.append(Row(p.label, CRITICAL, f"no answer within {timeout:g}s", seconds))

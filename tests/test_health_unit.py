@@ -61,16 +61,100 @@ def test_probe_ids_must_be_plain_names():
 def test_the_probes_cover_every_check_and_go_through_nginx_with_sni():
     s = settings(publish={"bind": "0.0.0.0", "https": 8443}, health={"timeout_seconds": 3})
     by_id = {p.id: p for p in health.probes(s)}
-    assert list(by_id) == ["frontend", "backend", "backend_deep", "grafana", "prometheus",
-                           "services", "cert_0", "cert_1", "disk"]
-    assert "--resolve maicivy.test:8443:127.0.0.1" in by_id["backend"].command
-    assert "https://maicivy.test:8443/health" in by_id["backend"].command
-    assert "https://maicivy.test:8443/health/deep" in by_id["backend_deep"].command
-    assert "https://grafana.maicivy.test:8443/api/health" in by_id["grafana"].command
-    assert "--max-time 4" in by_id["frontend"].command
+    assert list(by_id) == ["http", "prometheus", "services", "cert_0", "cert_1", "disk"]
+    http = by_id["http"]
+    assert http.parts == ("frontend", "backend", "backend_deep", "grafana")
+    assert "--parallel" in http.command and "--max-time 3 " in http.command
+    assert "--resolve maicivy.test:8443:127.0.0.1" in http.command
+    assert "--resolve grafana.maicivy.test:8443:127.0.0.1" in http.command
+    assert "https://maicivy.test:8443/health " in http.command
+    assert "https://maicivy.test:8443/health/deep" in http.command
+    assert "https://grafana.maicivy.test:8443/api/health" in http.command
     assert "docker exec" in by_id["prometheus"].command
     assert "com.docker.compose.service=prometheus" in by_id["prometheus"].command
-    assert "-servername grafana.maicivy.test" in by_id["cert_1"].command
+    assert "grafana.maicivy.test:8443" in by_id["cert_1"].command
+
+
+def test_the_http_checks_run_in_one_curl_for_real(tmp_path):
+    """The combined curl against a real (threaded, TLS) HTTP server on 127.0.0.1."""
+    import ssl
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:P-256", "-nodes", "-days", "10", "-subj",
+                    "/CN=maicivy.test", "-keyout", str(tmp_path / "k.pem"),
+                    "-out", str(tmp_path / "c.pem")], check=True, capture_output=True)
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            answers = {"/": (200, "<html>site</html>"), "/health": (200, '{"status":"ok"}'),
+                       "/health/deep": (503, '{"status":"degraded","checks":{"postgres":'
+                                             '{"status":"error","error":"refused"}}}'),
+                       "/api/health": (200, '{"database":"ok"}')}
+            status, body = answers.get(self.path, (404, "no"))
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tmp_path / "c.pem", tmp_path / "k.pem")
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        s = settings(publish={"bind": "127.0.0.1", "https": server.server_port})
+        probe = health.http_probe(s)
+        rows = health.evaluate(s, [probe], run_script([probe], 10))
+    finally:
+        server.shutdown()
+    assert [(r.check, r.status, r.detail) for r in rows] == [
+        ("frontend", OK, "HTTP 200"),
+        ("backend /health", OK, "HTTP 200"),
+        ("backend /health/deep", CRITICAL, "HTTP 503 (postgres: refused)"),
+        ("grafana", OK, "HTTP 200"),
+    ]
+    assert all(r.seconds is not None and r.seconds < 10 for r in rows)
+
+
+def test_each_http_check_gives_up_at_the_timeout_when_nothing_answers():
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)  # accepts TCP, never speaks TLS
+    try:
+        s = settings(publish={"bind": "127.0.0.1", "https": listener.getsockname()[1]},
+                     health={"timeout_seconds": 1})
+        probe = health.http_probe(s, ["backend", "grafana"])
+        rows = health.evaluate(s, [probe], run_script([probe], 1))
+    finally:
+        listener.close()
+    assert [(r.check, r.status, r.detail) for r in rows] == [
+        ("backend /health", CRITICAL, "no answer within 1s"),
+        ("grafana", CRITICAL, "no answer within 1s")]
+
+
+def test_http_rows_parse_curl_write_out_and_bodies():
+    s = settings()
+    out = "\n".join([
+        "~~t /tmp/x/http.backend_deep|503|0.012|0|",
+        "~~t /tmp/x/http.frontend|000|3.001|28|Operation timed out after 3001 milliseconds",
+        "@@body frontend", "",
+        "@@body backend_deep",
+        '{"status":"degraded","checks":{"redis":{"status":"error","error":"refused"}}}',
+    ])
+    rows = health.http_rows(s, ("frontend", "backend_deep", "grafana"), 0, out, 3)
+    assert [(r.check, r.status, r.detail) for r in rows] == [
+        ("frontend", CRITICAL, "no answer within 3s"),
+        ("backend /health/deep", CRITICAL, "HTTP 503 (redis: refused)"),
+        ("grafana", CRITICAL, "unreachable: " + '{"status":"degraded","checks":{"redis":'
+         '{"status":"error","error":"refused"}}}'),
+    ]
 
 
 def test_disk_thresholds_must_be_ordered():
@@ -175,12 +259,14 @@ def test_no_tls_answer_is_critical():
 
 
 DF = """@@path /var/lib/docker
-/dev/vda 264212084 23675692 82715220 23% /
 @@path /srv/maicivy
-/dev/vda 264212084 23675692 82715220 23% /
 @@path /var/backups/maicivy
-/dev/vdb 1000000 850000 150000 85% /var/backups
-@@docker /var/lib/docker"""
+@@docker /var/lib/docker
+@@df
+Filesystem 1024-blocks Used Available Capacity Mounted on
+/dev/vda 264212084 23675692 82715220 23% /
+/dev/vda 264212084 23675692 82715220 23% /
+/dev/vdb 1000000 850000 150000 85% /var/backups"""
 
 
 def test_disk_rows_one_per_filesystem_with_thresholds():
