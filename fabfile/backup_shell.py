@@ -153,18 +153,57 @@ def _finish_file() -> str:
 # --- postgres -------------------------------------------------------------------
 
 
+# Inside the postgres container: decompress the archive read from stdin, read it
+# whole with pg_restore and count the rows, so that only the *compressed* bytes
+# cross docker's stdin (and a few lines come back). POSIX sh (no pipefail):
+# each stage writes its exit status to a file. Exit 42: no such decompressor.
+PG_READ_SH = PG_ENV + r"""
+case "$1" in
+  *.zst|*.zst.partial) dz="zstd -q -d -c" ;;
+  *) dz="gzip -d -c" ;;
+esac
+command -v "${dz%% *}" >/dev/null 2>&1 || exit 42
+st=$(mktemp -d) || exit 1
+{ $dz; echo $? > "$st/d"; } | { pg_restore -f -; echo $? > "$st/r"; } |
+  awk '""" + COUNT_ROWS_AWK.replace("'", "'\\''") + r"""'
+echo "status_decompress=$(cat "$st/d")"
+echo "status_restore=$(cat "$st/r")"
+rm -rf "$st"
+"""
+
+
 def pg_verify_stream(settings: Settings, archive: str = '"$tmp"') -> str:
-    """Bash: read the whole archive (decompress + pg_restore to SQL), print row counts."""
+    """Bash: read the whole archive (decompress + pg_restore to SQL), print row counts.
+
+    Decompression and pg_restore run in the postgres container (only the
+    compressed file crosses docker); if the container has no such
+    decompressor, the archive is decompressed on the host instead.
+    """
+    inside = exec_in(settings, "postgres", PG_READ_SH, "$archive_name")
+    inside = inside.replace(q("$archive_name"), '"$archive_name"')
     restore = exec_in(settings, "postgres", f"{PG_ENV}; exec pg_restore -f -")
     return (
-        f"decompressor {archive}\n"
+        f"archive_name={archive}; archive_name=${{archive_name##*/}}\n"
+        + "set +e\n"
+        + f'{inside} < {archive} > "$work/counts" 2> "$work/read.err"\n'
+        + "rc=$?\nset -e\n"
+        + 'if [ "$rc" = 42 ]; then\n'
+        + f"decompressor {archive}\n"
         + _pipe(
             f'"${{D[@]}}" < {archive} | {restore} | awk {q(COUNT_ROWS_AWK)} > "$work/counts"',
             "the archive does not decompress (corrupted or truncated)",
             "pg_restore cannot read the whole archive (corrupted or truncated)",
             "counting rows failed",
         )
-        + 'cat "$work/counts"\n'
+        + "else\n"
+        + '  last=$(sed -n "/./h; \\${x;p}" "$work/read.err")\n'
+        + '  [ "$rc" = 0 ] || fail "reading the archive in the postgres container failed: $last"\n'
+        + '  grep -qx "status_decompress=0" "$work/counts" || '
+        + 'fail "the archive does not decompress (corrupted or truncated): $last"\n'
+        + '  grep -qx "status_restore=0" "$work/counts" || '
+        + 'fail "pg_restore cannot read the whole archive (corrupted or truncated): $last"\n'
+        + "fi\n"
+        + 'grep "^count" "$work/counts"\n'
     )
 
 

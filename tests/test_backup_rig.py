@@ -244,11 +244,11 @@ def test_an_interrupted_backup_leaves_nothing_and_no_stale_lock(rig):
             assert proc.returncode != 0
             _wait_group_gone(proc.pid)  # the server-side script cleans up as it exits
             assert rig.files("postgres") == files
-        # The lock died with the run: the next one does not wait.
-        ok(rig.fab("backup.postgres", "--no-prune",
-                   config=rig.config(backup={"lock_wait_seconds": 0})))
     finally:
         rig.psql("DROP TABLE IF EXISTS bulk")
+    # The lock died with the run: the next one does not wait.
+    ok(rig.fab("backup.postgres", "--no-prune",
+               config=rig.config(backup={"lock_wait_seconds": 0})))
 
 
 def test_check_list_and_the_restore_drill(rig):
