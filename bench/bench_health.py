@@ -110,14 +110,18 @@ def main() -> int:
                   + "\n  ".join(bad))
             return 2
         # each check alone: the HTTP checks (one curl in health.check) one by one too
-        singles = [(label, health.http_probe(settings, [key]))
+        singles = [(label, health.http_probe(settings, [key], id=f"http_{key}"))
                    for key, label, _, _ in health.http_endpoints(settings)]
-        singles += [(p.label, p) for p in probes if p.id != "http"]
+        singles += [(f"certificate {name}", health.http_probe(settings, [key], id=f"http_{key}"))
+                    for key, name in health.cert_endpoints(settings)]
+        singles += [(part, health.docker_probe(settings, (part,), id=f"docker_{part}"))
+                    for part in health.DOCKER_PARTS]
         alone = {}
         for label, p in singles:
             alone[label], _ = median_wall(host, settings, [p], rounds=args.rounds, name=label)
-        sequential, _ = median_wall(host, settings, probes, parallel=False, rounds=args.rounds,
-                                    name="sequential")
+        # the baseline: every check on its own, one after another, in one script
+        sequential, _ = median_wall(host, settings, [p for _, p in singles], parallel=False,
+                                    rounds=args.rounds, name="sequential")
         parallel, inside = median_wall(host, settings, probes, parallel=True, rounds=args.rounds,
                                        name="parallel")
         cpu = statistics.median(CPU)

@@ -36,10 +36,6 @@ from .ssl import cert_names, local_address, parse_x509, served_cert_command
 OK, WARNING, CRITICAL = "ok", "warning", "critical"
 EXIT_CODES = {OK: 0, WARNING: 1, CRITICAL: 2}
 _ID = re.compile(r"^[a-z0-9_]+$")
-# One short line per container. The docker CLI, not compose: compose parses the
-# whole project first and costs ten times as much CPU, which the parallel
-# checks would share on a small server.
-PS_FORMAT = '@@ps {{.Label "com.docker.compose.service"}}|{{.State}}|{{.Status}}'
 
 
 class HealthUnknown(OpsError):
@@ -81,71 +77,65 @@ def http_endpoints(settings: Settings) -> list[tuple[str, str, str, str]]:
 
 
 # (a --write-out starting with "@" would name a file to read the format from)
-_WRITE_OUT = "~~t %{filename_effective}|%{http_code}|%{time_total}|%{exitcode}|%{errormsg}\\n"
+_WRITE_OUT = ("~~t %{filename_effective}|%{http_code}|%{time_total}|%{exitcode}|%{errormsg}"
+              "\\n%{certs}")
+_CERT_FIELDS = ("Subject:", "Issuer:", "Serial Number:", "Expire date:")
+
+
+def cert_endpoints(settings: Settings) -> list[tuple[str, str]]:
+    """(key, host name) of the certificate checks (one per name nginx has a cert for)."""
+    return [(f"cert_{i}", name) for i, name in enumerate(cert_names(settings))]
 
 
 def _http_command(settings: Settings, keys: list[str], timeout: float) -> str:
     """One curl, all requests at once (--parallel), through nginx with SNI.
 
-    Each transfer gets ``timeout`` (--max-time is per transfer); the bodies
-    go to files in the script's temporary directory and are printed after.
+    Each transfer opens its own connection (--parallel-immediate), so each
+    reports the certificate it was served (curl >= 7.88 ``%{certs}``; older
+    curl: openssl afterwards). The certificate checks request ``/../`` with
+    --path-as-is: nginx refuses it itself (400), no upstream is involved.
+    Each transfer gets ``timeout`` (--max-time is per transfer); bodies go to
+    files in the script's temporary directory and are printed after.
     """
     port = settings.publish.https
     address = local_address(settings)
     target = f"[{address}]" if ":" in address else address
-    chosen = [e for e in http_endpoints(settings) if e[0] in keys]
-    hosts = sorted({host for _, _, host, _ in chosen})
-    parts = ["curl -s -k --parallel --parallel-immediate --parallel-max 16",
+    chosen = [(k, h, path) for k, _, h, path in http_endpoints(settings) if k in keys]
+    chosen += [(k, h, "/../") for k, h in cert_endpoints(settings) if k in keys]
+    hosts = sorted({host for _, host, _ in chosen})
+    parts = ["curl -s -k --path-as-is --parallel --parallel-immediate --parallel-max 16",
              f"--max-time {timeout:g}"]
     parts += [f"--resolve {shlex.quote(f'{h}:{port}:{target}')}" for h in hosts]
     parts.append(f"-w '{_WRITE_OUT}'")
-    for key, _, host, path in chosen:
+    for key, host, path in chosen:
         parts.append(f"-o \"$T/http.{key}\" {shlex.quote(f'https://{host}:{port}{path}')}")
-    bodies = " ".join(key for key, _, _, _ in chosen)
-    return (" ".join(parts) + f" 2>/dev/null; for k in {bodies}; do echo \"@@body $k\"; "
-            "head -c 2000 \"$T/http.$k\" 2>/dev/null; echo; done")
+    fields = "|".join(f.rstrip(":") for f in _CERT_FIELDS)
+    script = [" ".join(parts) + " 2>/dev/null >\"$T/http.curl\"",
+              f"grep -E '^(~~t |({fields}):)' \"$T/http.curl\""]
+    bodies = " ".join(k for k, _, path in chosen if path != "/../")
+    if bodies:
+        script.append(f"for k in {bodies}; do echo \"@@body $k\"; "
+                      "head -c 2000 \"$T/http.$k\" 2>/dev/null; echo; done")
+    fallback = [(k, h) for k, h, path in chosen if path == "/../"]
+    if fallback:  # curl older than 7.88 has no %{certs}
+        script.append("if ! grep -q '^Expire date:' \"$T/http.curl\"; then " + "; ".join(
+            f"echo '@@openssl {k}'; {served_cert_command(settings, h, timeout)}"
+            for k, h in fallback) + "; fi")
+    return "; ".join(script)
 
 
-def http_probe(settings: Settings, keys: list[str] | None = None) -> Probe:
-    """The probe of the HTTP checks (all of them, or only ``keys``)."""
-    keys = keys or [e[0] for e in http_endpoints(settings)]
-    return Probe("http", "http", _http_command(settings, keys,
-                                                float(settings.health.timeout_seconds)),
+def http_probe(settings: Settings, keys: list[str] | None = None, id: str = "http") -> Probe:
+    """The probe of the checks made through nginx: HTTP and certificates (or only ``keys``)."""
+    keys = keys or ([e[0] for e in http_endpoints(settings)]
+                    + [k for k, _ in cert_endpoints(settings)])
+    return Probe(id, "http", _http_command(settings, keys,
+                                            float(settings.health.timeout_seconds)),
                  parts=tuple(keys))
 
 
 def disk_paths(settings: Settings) -> list[tuple[str, str]]:
     """(label, path) of the filesystems whose free space is checked."""
     return [("data volume", ""), ("stack", settings.root), ("backups", settings.backup.dir)]
-
-
-def _disk_command(settings: Settings) -> str:
-    """df of the database volume (Docker's data root if there is none), stack, backups."""
-    paths = " ".join(shlex.quote(p) for _, p in disk_paths(settings)[1:])
-    volume = shlex.quote(f"{settings.compose_project}_postgres_data")
-    return (
-        f"root=$(docker volume inspect --format '{{{{.Mountpoint}}}}' {volume} 2>/dev/null "
-        "|| docker info --format '{{.DockerRootDir}}' 2>/dev/null || true); "
-        "set --; for p in \"$root\" " + paths + "; do "
-        "if [ -n \"$p\" ] && [ -e \"$p\" ]; then echo \"@@path $p\"; set -- \"$@\" \"$p\"; fi; "
-        "done; echo \"@@docker $root\"; echo @@df; df -P -k \"$@\""
-    )
-
-
-def _cert_command(settings: Settings, domain: str, timeout: float) -> str:
-    """The certificate nginx serves for ``domain``: curl (>= 7.88) or openssl.
-
-    ``/../`` with --path-as-is is refused by nginx itself (400), so no
-    upstream is involved: only the TLS handshake matters here.
-    """
-    port = settings.publish.https
-    address = local_address(settings)
-    resolve = f"{domain}:{port}:{f'[{address}]' if ':' in address else address}"
-    curl = (f"curl -sk --path-as-is --max-time {timeout + 1:g} --resolve {shlex.quote(resolve)} "
-            f"-o /dev/null -w '%{{certs}}' {shlex.quote(f'https://{domain}:{port}/../')}")
-    return (f"out=$({curl} 2>&1); case \"$out\" in *'Expire date:'*) "
-            f"printf '%s\\n' \"$out\";; *) {served_cert_command(settings, domain, timeout)};; "
-            "esac")
 
 
 def curl_certs_to_x509(text: str) -> str:
@@ -167,42 +157,79 @@ def _project_filter(settings: Settings) -> str:
             "--filter label=com.docker.compose.oneoff=False")
 
 
-def _ps_command(settings: Settings) -> str:
-    return f"docker ps -a {_project_filter(settings)} --format {shlex.quote(PS_FORMAT)}"
+DOCKER_PARTS = ("prometheus", "services", "disk")
+# One line per container of the stack: service, state, health, exit code, pid,
+# id and (for postgres) where its data volume lives on the server.
+INSPECT_FORMAT = (
+    '@@c {{index .Config.Labels "com.docker.compose.service"}}|{{.State.Status}}|'
+    "{{if .State.Health}}{{.State.Health.Status}}{{end}}|{{.State.ExitCode}}|"
+    "{{.State.Pid}}|{{.Id}}|{{range .Mounts}}"
+    '{{if eq .Destination "/var/lib/postgresql/data"}}{{.Source}}{{end}}{{end}}'
+)
 
 
-def _prometheus_ready(settings: Settings, timeout: float) -> str:
-    """Prometheus' /-/ready from inside its network namespace (it is not published).
+def _docker_command(settings: Settings, parts: tuple[str, ...], timeout: float) -> str:
+    """docker ps + ONE docker inspect of the stack, then Prometheus readiness and df.
 
-    As root: nsenter into the container's network namespace and use the
-    server's curl (a few ms); otherwise ``docker exec`` its wget (~0.1 s more).
+    The docker CLI, not compose: compose parses the whole project first and
+    costs ten times as much CPU. Prometheus is not published: as root we
+    nsenter its network namespace and use the server's curl (a few ms),
+    otherwise ``docker exec`` its wget.
     """
     url = f"http://127.0.0.1:{settings.ports.prometheus}/-/ready"
-    name = shlex.quote(f"{settings.compose_project}-prometheus-1")  # compose's own name
-    return (f"c={name}; pid=$(docker inspect --format '{{{{.State.Pid}}}}' \"$c\" 2>/dev/null); "
-            "if [ \"${pid:-0}\" -le 0 ]; then "
-            f"c=$(docker ps -q {_project_filter(settings)} "
-            "--filter label=com.docker.compose.service=prometheus --filter status=running); "
-            "c=${c%%$'\\n'*}; "
-            "if [ -z \"$c\" ]; then echo 'no running prometheus container'; exit 1; fi; "
-            "pid=$(docker inspect --format '{{.State.Pid}}' \"$c\"); fi; "
-            "if [ \"$EUID\" = 0 ] && [ \"${pid:-0}\" -gt 0 ] && command -v nsenter >/dev/null; "
-            f"then exec nsenter -t \"$pid\" -n curl -sS -f --max-time {timeout + 1:g} {url}; fi; "
-            f"exec docker exec \"$c\" wget -q -O - {url}")
+    paths = " ".join(shlex.quote(p) for _, p in disk_paths(settings)[1:])
+    lines = [
+        f"ids=$(docker ps -aq {_project_filter(settings)})",
+        "info=''",
+        f"if [ -n \"$ids\" ]; then info=$(docker inspect --format {shlex.quote(INSPECT_FORMAT)}"
+        " $ids 2>/dev/null); fi",
+        "prom_pid=''; prom_id=''; volume=''",
+        "while IFS='|' read -r svc state health code pid id vol; do",
+        "  if [ \"$svc\" = '@@c prometheus' ] && [ \"$state\" = running ]; then",
+        "    prom_pid=$pid; prom_id=$id; fi",
+        "  if [ -n \"$vol\" ]; then volume=$vol; fi",
+        "done <<<\"$info\"",
+    ]
+    if "services" in parts:
+        lines.append("echo '@@section services'; printf '%s\\n' \"$info\"")
+    if "prometheus" in parts:
+        lines += [
+            "( echo '@@section prometheus'",
+            "  if [ -z \"$prom_id\" ]; then echo 'no running prometheus container'; rc=1",
+            "  elif [ \"$EUID\" = 0 ] && [ \"${prom_pid:-0}\" -gt 0 ] && command -v nsenter "
+            ">/dev/null; then",
+            f"    nsenter -t \"$prom_pid\" -n curl -sS -f --max-time {timeout:g} {url} 2>&1; rc=$?",
+            f"  else docker exec \"$prom_id\" wget -q -O - {url} 2>&1; rc=$?; fi",
+            "  echo \"@@rc $rc\" ) >\"$T/docker.prometheus\" &",
+        ]
+    if "disk" in parts:
+        lines += [
+            "( echo '@@section disk'",
+            "  root=${volume:-$(docker info --format '{{.DockerRootDir}}' 2>/dev/null)}",
+            f"  set --; for p in \"$root\" {paths}; do",
+            "    if [ -n \"$p\" ] && [ -e \"$p\" ]; then",
+            "      echo \"@@path $p\"; set -- \"$@\" \"$p\"; fi",
+            "  done; echo \"@@docker $root\"; echo @@df; df -P -k \"$@\" 2>&1",
+            ") >\"$T/docker.disk\" &",
+        ]
+    lines.append("wait")
+    for part in ("prometheus", "disk"):
+        if part in parts:
+            lines.append(f"cat \"$T/docker.{part}\"")
+    return "\n".join(lines)
+
+
+def docker_probe(settings: Settings, parts: tuple[str, ...] = DOCKER_PARTS,
+                 id: str = "docker") -> Probe:
+    """The probe of the checks made through Docker (all of them, or only ``parts``)."""
+    return Probe(id, "docker", _docker_command(settings, parts,
+                                                float(settings.health.timeout_seconds)),
+                 parts=tuple(f"docker:{p}" for p in parts))
 
 
 def probes(settings: Settings) -> list[Probe]:
-    """Every check of health.check, as commands to run on the server."""
-    t = float(settings.health.timeout_seconds)
-    out = [
-        http_probe(settings),
-        Probe("prometheus", "prometheus", _prometheus_ready(settings, t)),
-        Probe("services", "services", _ps_command(settings)),
-    ]
-    for i, name in enumerate(cert_names(settings)):
-        out.append(Probe(f"cert_{i}", f"certificate {name}", _cert_command(settings, name, t)))
-    out.append(Probe("disk", "disk", _disk_command(settings)))
-    return out
+    """Every check of health.check, as commands to run on the server (two probes)."""
+    return [http_probe(settings), docker_probe(settings)]
 
 
 def probe_script(selected: list[Probe], timeout: float, parallel: bool = True) -> str:
@@ -290,21 +317,29 @@ def http_row(label: str, rc: int, output: str, timeout: float, seconds: float,
 
 
 def http_rows(settings: Settings, keys: tuple[str, ...], rc: int, output: str,
-              timeout: float) -> list[Row]:
-    """Rows of the HTTP checks from the combined curl's write-out lines and bodies."""
+              timeout: float, now: float | None = None) -> list[Row]:
+    """Rows of the HTTP and certificate checks from the combined curl's output."""
+    now = time.time() if now is None else now
     transfers: dict[str, list[str]] = {}
+    certs: dict[str, list[str]] = {}
     bodies: dict[str, list[str]] = {}
     current = None
+    cert_of = None
     for line in output.splitlines():
         if line.startswith("~~t "):
             fields = (line[4:].split("|", 4) + [""] * 5)[:5]
-            transfers[fields[0].rsplit("/http.", 1)[-1]] = fields[1:]
+            cert_of = fields[0].rsplit("/http.", 1)[-1]
+            transfers[cert_of] = fields[1:]
+            certs[cert_of] = []
             current = None
-        elif line.startswith("@@body "):
-            current = line[7:].strip()
-            bodies[current] = []
+        elif line.startswith(("@@body ", "@@openssl ")):
+            current = line.split(" ", 1)[1].strip()
+            cert_of = None
+            (bodies if line.startswith("@@body ") else certs)[current] = []
         elif current is not None:
-            bodies[current].append(line)
+            (bodies if current in bodies else certs)[current].append(line)
+        elif cert_of is not None and line.startswith(_CERT_FIELDS):
+            certs[cert_of].append(line)
     rows = []
     for key, label, _, _ in http_endpoints(settings):
         if key not in keys:
@@ -318,10 +353,31 @@ def http_rows(settings: Settings, keys: tuple[str, ...], rc: int, output: str,
         body = "\n".join(bodies.get(key, [])).strip("\n")
         curl_rc = int(exitcode) if exitcode.strip().isdigit() else (0 if code != "000" else 1)
         text = (error or "no answer") if curl_rc else body
-        seconds = round(float(took), 3) if took.replace(".", "", 1).isdigit() else None
         expect = _grafana_ok if key == "grafana" else None
-        rows.append(http_row(label, curl_rc, f"{text}\n{code}", timeout, seconds, expect))
+        rows.append(http_row(label, curl_rc, f"{text}\n{code}", timeout, _seconds(took), expect))
+    for key, name in cert_endpoints(settings):
+        if key not in keys:
+            continue
+        lines = certs.get(key, [])
+        took = _seconds(transfers[key][1]) if key in transfers else None
+        if not lines and key in transfers and transfers[key][2] not in ("", "0"):
+            error = transfers[key][3]
+            lines = [error]
+            cert_rc = 28 if transfers[key][2] == "28" else 1
+        else:
+            cert_rc = 0 if lines else rc
+        text = "\n".join(lines)
+        if "Expire date:" in text:
+            text = curl_certs_to_x509(text)
+        rows.append(cert_row(settings, name, cert_rc, text, now, timeout, took))
     return rows
+
+
+def _seconds(text: str) -> float | None:
+    try:
+        return round(float(text), 3)
+    except ValueError:
+        return None
 
 
 def _body_hint(body: str) -> str:
@@ -349,16 +405,13 @@ def _grafana_ok(body: str) -> str:
     return ""
 
 
-def _container(state: str, status: str) -> tuple[str, str]:
-    """(verdict, detail) of one container from ``docker ps`` State and Status."""
-    state = state.lower()
-    m = re.search(r"\((healthy|unhealthy|health: starting)\)", status)
-    health_ = m.group(1).replace("health: ", "") if m else ""
+def _container(state: str, health_: str, code: str) -> tuple[str, str]:
+    """(verdict, detail) of one container from docker inspect's State."""
+    state, health_ = state.lower(), health_.lower()
     if state != "running":
-        code = re.match(r"Exited \((-?\d+)\)", status)
         detail = state or "unknown state"
-        if code:
-            detail += f" (exit code {code.group(1)})"
+        if state == "exited" and code.strip().lstrip("-").isdigit():
+            detail += f" (exit code {code.strip()})"
         return CRITICAL, detail
     if health_ in ("", "healthy"):
         return OK, health_ or "running (no health check)"
@@ -368,28 +421,75 @@ def _container(state: str, status: str) -> tuple[str, str]:
 
 
 def service_rows(settings: Settings, rc: int, output: str, seconds: float) -> list[Row]:
-    """One row per compose service from ``docker ps --format PS_FORMAT``.
+    """One row per compose service from the ``@@c`` lines of the docker probe.
 
     A service with several containers (a deploy in progress) counts as its
     best one: it is what nginx can send traffic to.
     """
-    if rc != 0:
+    if rc != 0 and "@@c " not in output:
         detail = ("docker did not answer in time" if _timed_out(rc, output)
-                  else f"docker ps failed: {_last_line(output)}")
+                  else f"docker failed: {_last_line(output)}")
         return [Row(f"service {s}", CRITICAL, detail, seconds) for s in SERVICES]
     rank = {OK: 0, WARNING: 1, CRITICAL: 2}
     found: dict[str, tuple[str, str]] = {}
     for line in output.splitlines():
-        if not line.startswith("@@ps "):
+        if not line.startswith("@@c "):
             continue
-        service, state, status = (line[5:].split("|", 2) + ["", ""])[:3]
-        verdict = _container(state, status)
+        service, state, health_, code = (line[4:].split("|") + ["", "", ""])[:4]
+        verdict = _container(state, health_, code)
         if service not in found or rank[verdict[0]] < rank[found[service][0]]:
             found[service] = verdict
     rows = []
     for service in SERVICES:
         verdict, detail = found.get(service, (CRITICAL, "no container (not created)"))
         rows.append(Row(f"service {service}", verdict, detail, seconds))
+    return rows
+
+
+def _sections(output: str) -> dict[str, str]:
+    """``@@section NAME`` blocks of the docker probe's output."""
+    found: dict[str, list[str]] = {}
+    current = None
+    for line in output.splitlines():
+        if line.startswith("@@section "):
+            current = line.split(" ", 1)[1].strip()
+            found[current] = []
+        elif current is not None:
+            found[current].append(line)
+    return {k: "\n".join(v) for k, v in found.items()}
+
+
+def docker_rows(settings: Settings, parts: tuple[str, ...], rc: int, output: str,
+                timeout: float, seconds: float) -> list[Row]:
+    """Rows of Prometheus readiness, every service and the disks, from the docker probe."""
+    sections = _sections(output)
+    rows: list[Row] = []
+    if "docker:prometheus" in parts:
+        text = sections.get("prometheus")
+        m = re.search(r"^@@rc (\d+)$", text or "", re.M)
+        if text is None or m is None:
+            detail = (f"no answer within {timeout:g}s" if _timed_out(rc, output)
+                      else f"not checked: {_last_line(output)}")
+            rows.append(Row("prometheus", CRITICAL, detail, seconds))
+        else:
+            body = text[:m.start()].strip()
+            code = int(m.group(1))
+            if code == 0:
+                rows.append(Row("prometheus", OK, "ready", seconds))
+            elif _timed_out(code, body):
+                rows.append(Row("prometheus", CRITICAL, f"no answer within {timeout:g}s",
+                                seconds))
+            else:
+                rows.append(Row("prometheus", CRITICAL, f"not ready: {_last_line(body)}",
+                                seconds))
+    if "docker:services" in parts:
+        text = sections.get("services")
+        rows.extend(service_rows(settings, 0 if text is not None else (rc or 1),
+                                 text if text is not None else output, seconds))
+    if "docker:disk" in parts:
+        text = sections.get("disk")
+        rows.extend(disk_rows(settings, 0 if text is not None else (rc or 1),
+                              text if text is not None else output, seconds))
     return rows
 
 
@@ -462,31 +562,25 @@ def evaluate(settings: Settings, selected: list[Probe],
     """Turn raw probe results into the rows health.check prints."""
     timeout = float(settings.health.timeout_seconds)
     now = time.time() if now is None else now
-    names = dict(zip((f"cert_{i}" for i in range(10)), cert_names(settings), strict=False))
     rows: list[Row] = []
     for p in selected:
         if p.id not in results:
-            labels = [e[1] for e in http_endpoints(settings) if e[0] in p.parts] or [p.label]
+            labels = ([e[1] for e in http_endpoints(settings) if e[0] in p.parts]
+                      + [f"certificate {n}" for k, n in cert_endpoints(settings) if k in p.parts]
+                      + (["prometheus"] if "docker:prometheus" in p.parts else [])
+                      + ([f"service {x}" for x in SERVICES] if "docker:services" in p.parts
+                         else [])
+                      + (["disk"] if "docker:disk" in p.parts else [])
+                      or [p.label])
             rows += [Row(label, CRITICAL, "the check did not report (script cut short?)")
                      for label in labels]
             continue
         rc, ms, output = results[p.id]
         seconds = round(ms / 1000, 3)
-        if p.id == "http":
-            rows.extend(http_rows(settings, p.parts, rc, output, timeout))
-        elif p.id == "prometheus":
-            if _timed_out(rc, output):
-                rows.append(Row(p.label, CRITICAL, f"no answer within {timeout:g}s", seconds))
-            elif rc == 0:
-                rows.append(Row(p.label, OK, "ready", seconds))
-            else:
-                rows.append(Row(p.label, CRITICAL, f"not ready: {_last_line(output)}", seconds))
-        elif p.id == "services":
-            rows.extend(service_rows(settings, rc, output, seconds))
-        elif p.id.startswith("cert_"):
-            rows.append(cert_row(settings, names[p.id], rc, output, now, timeout, seconds))
-        elif p.id == "disk":
-            rows.extend(disk_rows(settings, rc, output, seconds))
+        if p.parts and p.parts[0].startswith("docker:"):
+            rows.extend(docker_rows(settings, p.parts, rc, output, timeout, seconds))
+        elif p.parts:
+            rows.extend(http_rows(settings, p.parts, rc, output, timeout, now))
     return rows
 
 

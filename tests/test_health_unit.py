@@ -61,18 +61,18 @@ def test_probe_ids_must_be_plain_names():
 def test_the_probes_cover_every_check_and_go_through_nginx_with_sni():
     s = settings(publish={"bind": "0.0.0.0", "https": 8443}, health={"timeout_seconds": 3})
     by_id = {p.id: p for p in health.probes(s)}
-    assert list(by_id) == ["http", "prometheus", "services", "cert_0", "cert_1", "disk"]
+    assert list(by_id) == ["http", "docker"]
+    assert by_id["docker"].parts == ("docker:prometheus", "docker:services", "docker:disk")
     http = by_id["http"]
-    assert http.parts == ("frontend", "backend", "backend_deep", "grafana")
+    assert http.parts == ("frontend", "backend", "backend_deep", "grafana", "cert_0", "cert_1")
+    assert "https://grafana.maicivy.test:8443/../" in http.command
     assert "--parallel" in http.command and "--max-time 3 " in http.command
     assert "--resolve maicivy.test:8443:127.0.0.1" in http.command
     assert "--resolve grafana.maicivy.test:8443:127.0.0.1" in http.command
     assert "https://maicivy.test:8443/health " in http.command
     assert "https://maicivy.test:8443/health/deep" in http.command
     assert "https://grafana.maicivy.test:8443/api/health" in http.command
-    assert "docker exec" in by_id["prometheus"].command
-    assert "com.docker.compose.service=prometheus" in by_id["prometheus"].command
-    assert "grafana.maicivy.test:8443" in by_id["cert_1"].command
+    assert "nsenter" in by_id["docker"].command and "docker exec" in by_id["docker"].command
 
 
 def test_the_http_checks_run_in_one_curl_for_real(tmp_path):
@@ -112,12 +112,15 @@ def test_the_http_checks_run_in_one_curl_for_real(tmp_path):
         rows = health.evaluate(s, [probe], run_script([probe], 10))
     finally:
         server.shutdown()
-    assert [(r.check, r.status, r.detail) for r in rows] == [
+    assert [(r.check, r.status, r.detail) for r in rows[:4]] == [
         ("frontend", OK, "HTTP 200"),
         ("backend /health", OK, "HTTP 200"),
         ("backend /health/deep", CRITICAL, "HTTP 503 (postgres: refused)"),
         ("grafana", OK, "HTTP 200"),
     ]
+    assert [(r.check, r.status) for r in rows[4:]] == [
+        ("certificate maicivy.test", WARNING), ("certificate grafana.maicivy.test", WARNING)]
+    assert all(r.detail.startswith(("9 days left", "10 days left")) for r in rows[4:])
     assert all(r.seconds is not None and r.seconds < 10 for r in rows)
 
 
@@ -130,13 +133,14 @@ def test_each_http_check_gives_up_at_the_timeout_when_nothing_answers():
     try:
         s = settings(publish={"bind": "127.0.0.1", "https": listener.getsockname()[1]},
                      health={"timeout_seconds": 1})
-        probe = health.http_probe(s, ["backend", "grafana"])
+        probe = health.http_probe(s, ["backend", "grafana", "cert_1"])
         rows = health.evaluate(s, [probe], run_script([probe], 1))
     finally:
         listener.close()
     assert [(r.check, r.status, r.detail) for r in rows] == [
         ("backend /health", CRITICAL, "no answer within 1s"),
-        ("grafana", CRITICAL, "no answer within 1s")]
+        ("grafana", CRITICAL, "no answer within 1s"),
+        ("certificate grafana.maicivy.test", CRITICAL, "no TLS answer within 1s")]
 
 
 def test_http_rows_parse_curl_write_out_and_bodies():
@@ -188,14 +192,14 @@ def test_deep_health_failure_names_the_failing_dependency():
     assert row.detail == "HTTP 503 (redis: ConnectionRefusedError: refused)"
 
 
-def ps_line(service, state="running", status="Up 3 minutes (healthy)"):
-    return f"@@ps {service}|{state}|{status}"
+def ps_line(service, state="running", health_="healthy", code=0):
+    return f"@@c {service}|{state}|{health_}|{code}|4242|abc123|"
 
 
 def test_service_rows_one_per_service():
     s = settings()
     lines = [ps_line(x) for x in SERVICES if x != "backend"]
-    lines.append(ps_line("backend", "exited", "Exited (137) 5 seconds ago"))
+    lines.append(ps_line("backend", "exited", "", 137))
     rows = health.service_rows(s, 0, "\n".join(lines), 0.2)
     assert [r.check for r in rows] == [f"service {x}" for x in SERVICES]
     bad = {r.check: r.detail for r in rows if r.status != OK}
@@ -209,9 +213,9 @@ def test_service_rows_one_per_service():
 def test_starting_is_a_warning_unhealthy_and_paused_are_critical():
     s = settings()
     lines = [ps_line(x) for x in SERVICES if x not in ("grafana", "frontend", "backend")]
-    lines += [ps_line("grafana", status="Up 2 seconds (health: starting)"),
-              ps_line("frontend", status="Up 1 minute (unhealthy)"),
-              ps_line("backend", "paused", "Up 1 minute (Paused)")]
+    lines += [ps_line("grafana", health_="starting"),
+              ps_line("frontend", health_="unhealthy"),
+              ps_line("backend", "paused", "healthy")]
     rows = {r.check: (r.status, r.detail)
             for r in health.service_rows(s, 0, "\n".join(lines), 0.1)}
     assert rows["service grafana"] == (WARNING, "starting")
@@ -223,17 +227,35 @@ def test_starting_is_a_warning_unhealthy_and_paused_are_critical():
 def test_a_service_in_the_middle_of_a_deploy_counts_as_its_best_container():
     s = settings()
     lines = [ps_line(x) for x in SERVICES]
-    lines.append(ps_line("backend", status="Up 1 second (health: starting)"))
+    lines.append(ps_line("backend", health_="starting"))
     rows = {r.check: r.status for r in health.service_rows(s, 0, "\n".join(lines), 0.1)}
     assert rows["service backend"] == OK
 
 
-def test_the_services_probe_lists_only_this_projects_own_containers():
+def test_the_docker_probe_looks_only_at_this_projects_own_containers():
     s = settings(compose_project="maicivyprod")
-    cmd = {p.id: p.command for p in health.probes(s)}["services"]
-    assert cmd.startswith("docker ps -a ")
+    cmd = health.docker_probe(s).command
+    assert cmd.startswith("ids=$(docker ps -aq ")
     assert "label=com.docker.compose.project=maicivyprod" in cmd
     assert "label=com.docker.compose.oneoff=False" in cmd
+    assert cmd.count("docker inspect") == 1 and "docker compose" not in cmd
+
+
+def test_docker_probe_output_gives_prometheus_services_and_disk_rows():
+    s = settings(root="/srv/maicivy")
+    out = "\n".join(
+        ["@@section services"] + [ps_line(x) for x in SERVICES if x != "prometheus"]
+        + [ps_line("prometheus", health_="starting"),
+           "@@section prometheus", "curl: (22) The requested URL returned error: 503",
+           "@@rc 22", "@@section disk"] + DF.splitlines())
+    rows = {r.check: (r.status, r.detail)
+            for r in health.docker_rows(s, tuple(f"docker:{p}" for p in health.DOCKER_PARTS),
+                                        0, out, 3, 0.05)}
+    assert rows["prometheus"] == (CRITICAL, "not ready: curl: (22) The requested URL returned "
+                                            "error: 503")
+    assert rows["service prometheus"] == (WARNING, "starting")
+    assert rows["disk /var/backups"][0] == WARNING
+    assert len(rows) == 1 + len(SERVICES) + 2
 
 
 X509 = """serial=0A1B
@@ -280,10 +302,10 @@ def test_disk_rows_one_per_filesystem_with_thresholds():
 
 
 def test_disk_probe_runs_for_real_here():
-    s = settings(root="/tmp", backup={"dir": "/nonexistent-backups"})
-    probe = [p for p in health.probes(s) if p.id == "disk"]
-    results = run_script(probe, 20)
-    rows = health.disk_rows(s, *results["disk"][0:1], results["disk"][2], 0.1)
+    s = settings(root="/tmp", backup={"dir": "/nonexistent-backups"},
+                 compose_project="maicivy-no-such-stack")
+    probe = health.docker_probe(s, ("disk",))
+    rows = health.evaluate(s, [probe], run_script([probe], 20))
     assert rows and all(r.check.startswith("disk /") for r in rows)
     assert "stack" in " ".join(r.detail for r in rows)
 
@@ -340,10 +362,8 @@ def test_certificate_probe_reads_the_served_certificate_for_real(tmp_path):
                 assert time.monotonic() < deadline, "openssl s_server did not start"
                 time.sleep(0.1)
         s = settings(publish={"bind": "127.0.0.1", "https": port})
-        probe = next(p for p in health.probes(s) if p.id == "cert_0")
-        results = run_script([probe], 10)
-        rc, _, output = results["cert_0"]
-        row = health.cert_row(s, "maicivy.test", rc, output, time.time(), 10, 0.1)
+        probe = health.http_probe(s, ["cert_0"])
+        [row] = health.evaluate(s, [probe], run_script([probe], 10))
         assert row.status == WARNING  # 10 days < tls.warn_days (21)
         assert row.detail.startswith(("9 days left", "10 days left"))
         assert "maicivy.test), self-signed stand-in" in row.detail
