@@ -34,7 +34,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 os.environ["PATH"] = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"
 
-from deploy_support import ClientLoop, fab, get, start_sshd, write_config  # noqa: E402
+from deploy_support import (  # noqa: E402
+    ClientLoop,
+    fab,
+    get,
+    remove_release_tags,
+    start_sshd,
+    write_config,
+)
 from stack_rig import StackRig  # noqa: E402
 
 from fabfile.config import load_settings  # noqa: E402
@@ -106,9 +113,15 @@ class Bench:
         ensure_certificates(Host(self.stack.conn), s)
         print("bringing the stack up with a first deploy ...", flush=True)
         self.deploy(self.config("v1"))
+        # Some application data, for the pre-deploy backups.
+        self.stack.run(self.stack.compose(
+            "exec", "-T", "postgres", "sh", "-c",
+            'psql -q -v ON_ERROR_STOP=1 -U "$POSTGRES_USER" -d "$POSTGRES_DB" -c '
+            '"CREATE TABLE visits (id serial PRIMARY KEY); INSERT INTO visits DEFAULT VALUES;"'))
 
     def close(self):
         self.stack.down()
+        remove_release_tags(PROJECT)
         self.sshd.terminate()
         self.sshd.wait(timeout=10)
 

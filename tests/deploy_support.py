@@ -355,3 +355,11 @@ def start_sshd(work: Path):
                    client_key=client_key, known_hosts=known, host_pubkey=f"{kind} {key}",
                    workdir=work)
     return host, proc
+
+
+def remove_release_tags(project: str) -> None:
+    """Drop the ``<project>-release/*`` tags a deploy left (test/bench clean-up)."""
+    tags = subprocess.run(["docker", "images", "--format", "{{.Repository}}:{{.Tag}}",
+                           f"{project}-release/*"], capture_output=True, text=True).stdout.split()
+    if tags:
+        subprocess.run(["docker", "rmi", *tags], capture_output=True)

@@ -18,6 +18,7 @@ from deploy_support import (
     fab,
     fab_popen,
     get,
+    remove_release_tags,
     tree_fingerprint,
     write_config,
 )
@@ -37,7 +38,8 @@ class Rig:
     def __init__(self, ssh_host, tmp):
         self.ssh_host = ssh_host
         self.tmp = tmp
-        self.stack = StackRig(ssh_host, tmp, PROJECT, deploy={"health_timeout_seconds": 20})
+        self.stack = StackRig(ssh_host, tmp, PROJECT, deploy={"health_timeout_seconds": 20,
+                                                               "keep_releases": 2})
         self.settings = self.stack.settings
         self.base = dict(self.stack.overrides)
         self.root = tmp / "srv"
@@ -94,6 +96,7 @@ class Rig:
 @pytest.fixture(scope="module")
 def rig(ssh_host, tmp_path_factory):
     r = Rig(ssh_host, tmp_path_factory.mktemp("deploy"))
+    remove_release_tags(PROJECT)  # left by an interrupted earlier run
     s = r.settings
     # A fresh server after provision: directories, .env, certificates; no stack files.
     for d in (s.backup.dir, s.backup.textfile_dir, s.tls.webroot, s.root):
@@ -104,6 +107,7 @@ def rig(ssh_host, tmp_path_factory):
         yield r
     finally:
         r.stack.down()
+        remove_release_tags(PROJECT)
 
 
 def test_first_deploy_brings_every_service_up_healthy(rig):
@@ -119,6 +123,12 @@ def test_first_deploy_brings_every_service_up_healthy(rig):
                      rig.log()[-1])
     history = fab(rig.ssh_host, rig.config(), "deploy.history")
     assert history.returncode == 0 and "result=ok" in history.stdout
+    # The application's data, for the pre-deploy backups of the next deploys.
+    rig.stack.run(rig.stack.compose(
+        "exec", "-T", "postgres", "sh", "-c",
+        'psql -q -v ON_ERROR_STOP=1 -U "$POSTGRES_USER" -d "$POSTGRES_DB" -c '
+        '"CREATE TABLE visits (id serial PRIMARY KEY, at timestamptz DEFAULT now()); '
+        'INSERT INTO visits DEFAULT VALUES;"'))
 
 
 def test_noop_redeploy_recreates_nothing_and_says_so(rig):
@@ -242,6 +252,16 @@ def test_rollback_on_demand_returns_to_the_previous_release(rig):
     results = re.findall(r"result=(\S+)", history.stdout)
     assert results[:2] == ["ok", "unchanged"] and results[-1] == "rollback"
     assert "rolled-back" in results
+    # Three releases were made, two are kept (deploy.keep_releases), with their image tags.
+    kept = sorted(p.name for p in (rig.root / ".deploy/releases").iterdir())
+    assert len(kept) == 2 and len(re.findall(r"result=ok ", history.stdout)) == 3
+    import subprocess
+
+    tags = subprocess.run(["docker", "images", "--format", "{{.Repository}}:{{.Tag}}",
+                           f"{PROJECT}-release/*"], capture_output=True, text=True,
+                          check=True).stdout.split()
+    assert sorted({t.rsplit(":", 1)[1] for t in tags}) == kept
+    assert len(tags) == 2 * len(SERVICES)
 
 
 def test_wrong_host_key_is_refused_and_later_hosts_are_not_touched(rig, tmp_path):
