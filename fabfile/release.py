@@ -203,23 +203,32 @@ def plan_script(settings: Settings, refs: Mapping[str, str], pull: bool,
     """(Pull, then) report wanted config hashes, image IDs and the containers.
 
     With ``http``, also the health URLs through nginx: when nothing needs to
-    change, this one command is the health gate too.
+    change, this one command is the health gate too. What does not depend on
+    the pull runs while it pulls.
     """
-    lines = ["set -e"]
+    lines = [
+        "set -e",
+        'T=$(mktemp -d); trap \'rm -rf "$T"\' EXIT',
+        f"{compose(settings, 'config', '--hash', '*')} > \"$T/hashes\" & hashes=$!",
+        f"{inspect_containers_cmd(settings)} > \"$T/containers\" & containers=$!",
+    ]
+    if http:
+        lines.append("{ " + "\n".join(http_lines(settings)) + "\n} > \"$T/http\" & http=$!")
     if pull:
         lines.append(compose(settings, "pull", "--quiet"))
-    lines += [
-        "echo '== hashes'",
-        compose(settings, "config", "--hash", "*"),
-        "echo '== images'",
-    ]
-    for ref in sorted(set(refs.values())):
+    for i, ref in enumerate(sorted(set(refs.values()))):
         q = shlex.quote(ref)
         lines.append(f"printf '%s %s\\n' {q} \"$(docker image inspect --format '{{{{.Id}}}}' "
-                     f"{q} 2>/dev/null || echo missing)\"")
-    lines += ["echo '== containers'", inspect_containers_cmd(settings)]
+                     f"{q} 2>/dev/null || echo missing)\" > \"$T/image.{i}\" &")
+    lines += [
+        'wait "$hashes"; wait "$containers"',
+        "wait",
+        "echo '== hashes'; cat \"$T/hashes\"",
+        "echo '== images'; cat \"$T\"/image.*",
+        "echo '== containers'; cat \"$T/containers\"",
+    ]
     if http:
-        lines += http_lines(settings)
+        lines.append('cat "$T/http"')
     return "\n".join(lines)
 
 
