@@ -60,6 +60,8 @@ HEADER = r"""set -Eeuo pipefail
 umask 077
 fail() { printf 'FAILED: %s\n' "$*" >&2; exit 1; }
 trap 'exit 130' INT; trap 'exit 143' TERM; trap 'exit 129' HUP
+# A command that fails outside any check ends the script (set -e): name it.
+trap 'rc=$?; [[ $- != *e* ]] || printf "FAILED: step exited %s: %s\n" "$rc" "$BASH_COMMAND" >&2' ERR
 echo "started=$(date -u +%s.%N)"
 """
 
@@ -203,7 +205,7 @@ def pg_verify_stream(settings: Settings, archive: str = '"$tmp"') -> str:
         + '  grep -qx "status_restore=0" "$work/counts" || '
         + 'fail "pg_restore cannot read the whole archive (corrupted or truncated): $last"\n'
         + "fi\n"
-        + 'grep "^count" "$work/counts"\n'
+        + 'grep "^count" "$work/counts" || true  # an empty database has no table\n'
     )
 
 
@@ -267,8 +269,8 @@ def pg_backup_script(settings: Settings, compression: str | None = None) -> str:
     )
 
 
-def pg_check_archive_script(settings: Settings, path: str) -> str:
-    """Checksum and fully read an existing archive; print sha256, size and row counts."""
+def _check_archive_script(path: str, verify_stream: str) -> str:
+    """Checksum an existing archive, run ``verify_stream`` on it, print sha256 and size."""
     return (
         HEADER + COMPRESSOR
         + f"archive={q(path)}\n"
@@ -277,9 +279,14 @@ def pg_check_archive_script(settings: Settings, path: str) -> str:
         + "trap 'rm -rf -- \"$work\"' EXIT\n"
         + 'sha=$(sha256sum < "$archive") || fail "cannot read $archive to checksum it"\n'
         + 'echo "sha256=${sha%% *}"\n'
-        + pg_verify_stream(settings, '"$archive"')
+        + verify_stream
         + 'echo "size=$(stat -c %s -- "$archive")"\n'
     )
+
+
+def pg_check_archive_script(settings: Settings, path: str) -> str:
+    """Checksum and fully read an existing archive; print sha256, size and row counts."""
+    return _check_archive_script(path, pg_verify_stream(settings, '"$archive"'))
 
 
 def psql_script(settings: Settings, sql: str, database: str = "postgres", **variables) -> str:
@@ -507,17 +514,7 @@ def redis_backup_script(settings: Settings, compression: str | None = None) -> s
 
 def redis_check_archive_script(settings: Settings, path: str) -> str:
     """Checksum an existing RDB archive and check it with redis-check-rdb."""
-    return (
-        HEADER + COMPRESSOR
-        + f"archive={q(path)}\n"
-        + '[ -f "$archive" ] || fail "$archive does not exist"\n'
-        + 'work=$(mktemp -d) || fail "cannot create a temporary directory"\n'
-        + "trap 'rm -rf -- \"$work\"' EXIT\n"
-        + 'sha=$(sha256sum < "$archive") || fail "cannot read $archive to checksum it"\n'
-        + 'echo "sha256=${sha%% *}"\n'
-        + redis_verify_stream(settings, '"$archive"')
-        + 'echo "size=$(stat -c %s -- "$archive")"\n'
-    )
+    return _check_archive_script(path, redis_verify_stream(settings, '"$archive"'))
 
 
 # Inside a one-off container of the redis service (redis stopped), with the

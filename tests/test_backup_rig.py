@@ -40,21 +40,42 @@ BUCKET = "maicivy-offsite"
 
 
 @pytest.fixture(scope="module")
-def rig(ssh_host, tmp_path_factory):
+def fresh(ssh_host, tmp_path_factory):
+    """The stack as on a fresh server: an empty database, an empty Redis."""
     r = BackupRig(ssh_host, tmp_path_factory.mktemp("backup"), "maicivybackup",
                   provision={"log_dir": str(tmp_path_factory.mktemp("log"))})
+    r.seeded = False
     try:
         r.up()
-        seed_postgres(r)
-        seed_redis(r)
         yield r
     finally:
         r.down()
 
 
+@pytest.fixture(scope="module")
+def rig(fresh):
+    """The same stack with application data (seeded once)."""
+    seed_postgres(fresh)
+    seed_redis(fresh)
+    fresh.seeded = True
+    return fresh
+
+
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
+
+
+def test_first_backup_on_a_fresh_server_with_no_table_and_no_key_succeeds(fresh):
+    # The first pre-deploy backup runs before the application ever created a
+    # table: it must not block the deploy.
+    assert not fresh.seeded and fresh.counts() == {}
+    proc = ok(fresh.fab("backup.all", "--no-offsite"))
+    pg, rd = fresh.latest("postgres"), fresh.latest("redis")
+    assert f"postgres backup {pg['name']}" in proc.stdout
+    assert pg["tables"] == {} and pg["rows"] == 0 and pg["verification"]["ok"]
+    assert rd["verification"]["ok"]
+    ok(fresh.fab("backup.check"))
 
 
 def test_backup_postgres_writes_a_verified_backup_its_manifest_and_metrics(rig):
