@@ -175,7 +175,7 @@ env_text="# Written by tests/rig/setup-docker.sh. Source it before docker / dock
 # version makes every client and the compose plugin speak the daemon's version.
 export DOCKER_HOST=unix:///var/run/docker.sock
 export DOCKER_API_VERSION=$SERVER_API
-export MAICIVY_RIG_REGISTRY=$REGISTRY
+export RIG_REGISTRY=$REGISTRY
 "
 if [ "$(cat "$ENV_FILE" 2>/dev/null || true)" != "${env_text%$'\n'}" ]; then
     printf '%s' "$env_text" >"$ENV_FILE.tmp"
