@@ -19,18 +19,10 @@ import struct
 import time
 from urllib.parse import parse_qs
 
-from standin import METRICS, Handler, env_port, serve
+from standin import METRICS, Handler, app_version, env_port, serve
 
-
-def _read(path: str, default: str) -> str:
-    try:
-        with open(path) as f:
-            return f.read().strip() or default
-    except OSError:
-        return default
-
-
-VERSION = _read("/app/VERSION", os.environ.get("APP_VERSION", "dev"))
+VERSION = app_version()
+VISITORS_HELP = "Distinct visitors seen (no visitor cookie yet)."
 BROKEN = os.path.exists("/app/BROKEN")
 STARTED = time.time()
 ECHO_HEADERS = ("Host", "X-Real-IP", "X-Forwarded-For", "X-Forwarded-Proto", "User-Agent",
@@ -135,7 +127,7 @@ class Backend(Handler):
                 time.sleep(ms / 1000)
             headers = []
             if "maicivy_visitor=" not in self.headers.get("Cookie", ""):
-                m.counter("maicivy_visitors_total", "Distinct visitors seen (no visitor cookie yet).")
+                m.counter("maicivy_visitors_total", VISITORS_HELP)
                 headers.append(("Set-Cookie", "maicivy_visitor=1; Path=/; HttpOnly; SameSite=Lax"))
             return self.json(200, {
                 "ok": True, "method": method, "path": path, "query": query,
@@ -146,6 +138,6 @@ class Backend(Handler):
 
 
 if __name__ == "__main__":
-    METRICS.counter("maicivy_visitors_total", "Distinct visitors seen (no visitor cookie yet).", by=0)
+    METRICS.counter("maicivy_visitors_total", VISITORS_HELP, by=0)
     METRICS.gauge("maicivy_build_info", "Build of the running backend.", (("version", VERSION),), 1)
     serve(Backend, env_port(8080, "PORT"), f"backend {VERSION}")

@@ -8,20 +8,10 @@ other paths                    404 HTML page
 
 from __future__ import annotations
 
-import os
+from standin import Handler, app_version, env_port, serve
 
-from standin import Handler, env_port, serve
-
-
-def _read(path: str, default: str) -> str:
-    try:
-        with open(path) as f:
-            return f.read().strip() or default
-    except OSError:
-        return default
-
-
-VERSION = _read("/app/VERSION", os.environ.get("APP_VERSION", "dev"))
+VERSION = app_version()
+NO_STORE = "private, no-cache, no-store, max-age=0, must-revalidate"
 
 SECTIONS = "\n".join(
     f"""    <section id="s{i}" class="card">
@@ -82,7 +72,7 @@ class Frontend(Handler):
             return self.json(200, {"status": "ok", "version": VERSION})
         if path == "/":
             return self.text(200, PAGE, "text/html; charset=utf-8",
-                             [("Cache-Control", "private, no-cache, no-store, max-age=0, must-revalidate")])
+                             [("Cache-Control", NO_STORE)])
         if path.startswith("/_next/static/") and len(path) > len("/_next/static/"):
             immutable = [("Cache-Control", "public, max-age=31536000, immutable")]
             if path.endswith(".js"):

@@ -36,7 +36,7 @@ def _esc(value: str) -> str:
 
 
 def _labels(names, values) -> str:
-    return ",".join(f'{n}="{_esc(v)}"' for n, v in zip(names, values))
+    return ",".join(f'{n}="{_esc(v)}"' for n, v in zip(names, values, strict=True))
 
 
 class Metrics:
@@ -74,17 +74,21 @@ class Metrics:
     def render(self) -> str:
         out = []
         with self.lock:
-            out.append("# HELP http_requests_total HTTP requests served, by method, route and status.")
+            out.append("# HELP http_requests_total "
+                       "HTTP requests served, by method, route and status.")
             out.append("# TYPE http_requests_total counter")
             for (method, path, status), n in sorted(self.requests.items()):
-                out.append(f"http_requests_total{{{_labels(('method', 'path', 'status'), (method, path, status))}}} {n}")
-            out.append("# HELP http_request_duration_seconds Time to serve an HTTP request.")
+                labels = _labels(("method", "path", "status"), (method, path, status))
+                out.append(f"http_requests_total{{{labels}}} {n}")
+            out.append("# HELP http_request_duration_seconds "
+                       "Time to serve an HTTP request.")
             out.append("# TYPE http_request_duration_seconds histogram")
             for (method, path), h in sorted(self.durations.items()):
                 base = _labels(("method", "path"), (method, path))
+                bucket = "http_request_duration_seconds_bucket"
                 for i, bound in enumerate(self.BUCKETS):
-                    out.append(f'http_request_duration_seconds_bucket{{{base},le="{bound}"}} {h[i]}')
-                out.append(f'http_request_duration_seconds_bucket{{{base},le="+Inf"}} {h[-2]}')
+                    out.append(f'{bucket}{{{base},le="{bound}"}} {h[i]}')
+                out.append(f'{bucket}{{{base},le="+Inf"}} {h[-2]}')
                 out.append(f"http_request_duration_seconds_sum{{{base}}} {h[-1]:.6f}")
                 out.append(f"http_request_duration_seconds_count{{{base}}} {h[-2]}")
             for kind, table in (("counter", self.counters), ("gauge", self.gauges)):
@@ -92,7 +96,8 @@ class Metrics:
                     out.append(f"# HELP {name} {help_text}")
                     out.append(f"# TYPE {name} {kind}")
                     for labels, value in sorted(values.items()):
-                        text = "{" + ",".join(f'{k}="{_esc(v)}"' for k, v in labels) + "}" if labels else ""
+                        pairs = ",".join(f'{k}="{_esc(v)}"' for k, v in labels)
+                        text = "{" + pairs + "}" if labels else ""
                         out.append(f"{name}{text} {value:g}")
         return "\n".join(out) + "\n"
 
@@ -220,7 +225,7 @@ class Handler(BaseHTTPRequestHandler):
                 log(traceback.format_exc())
                 status, ctype, payload, headers = self.json(500, {"error": "internal error"})
             self._respond(method, status, ctype, payload, headers)
-        except (ConnectionError, socket.timeout, OSError):
+        except (ConnectionError, TimeoutError, OSError):
             self.close_connection = True
         finally:
             self.busy = False
@@ -255,7 +260,8 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.close_connection = True
         self.ws = True
-        self.server.metrics.counter("websocket_connections_total", "WebSocket connections accepted.")
+        self.server.metrics.counter("websocket_connections_total",
+                                    "WebSocket connections accepted.")
         message, message_op = b"", 0
         while True:
             frame = self._ws_read()
@@ -278,7 +284,8 @@ class Handler(BaseHTTPRequestHandler):
                 self.ws_send(0x8, struct.pack("!H", 1002))
                 return 101
             if fin and message_op:
-                self.server.metrics.counter("websocket_messages_total", "WebSocket messages echoed.")
+                self.server.metrics.counter("websocket_messages_total",
+                                            "WebSocket messages echoed.")
                 self.ws_send(message_op, message)
                 message, message_op = b"", 0
 
@@ -344,6 +351,16 @@ def serve(handler: type, port: int, name: str) -> None:
     log(f"{name}: stopped ({server.busy_count()} request(s) cut short)")
     sys.stdout.flush()
     os._exit(0)
+
+
+def app_version() -> str:
+    """The release this stand-in plays: /app/VERSION (baked in), else $APP_VERSION."""
+    try:
+        with open("/app/VERSION") as f:
+            version = f.read().strip()
+    except OSError:
+        version = ""
+    return version or os.environ.get("APP_VERSION", "dev")
 
 
 def env_port(default: int, *names: str) -> int:
