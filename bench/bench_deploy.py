@@ -34,12 +34,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 os.environ["PATH"] = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"
 
+from conftest import start_sshd  # noqa: E402
 from deploy_support import (  # noqa: E402
     ClientLoop,
     fab,
     get,
     remove_release_tags,
-    start_sshd,
     write_config,
 )
 from stack_rig import StackRig  # noqa: E402

@@ -93,10 +93,11 @@ def manifest_path(settings: Settings, kind: str, name: str) -> str:
 # --- the two kinds ----------------------------------------------------------------
 
 
-def _postgres_manifest(facts: dict, counts: dict, reason: str) -> dict:
+def _manifest_base(kind: str, facts: dict, reason: str) -> dict:
+    """What every manifest records: name, times, file, size, checksum, compression."""
     return {
         "format": MANIFEST_FORMAT,
-        "kind": "postgres",
+        "kind": kind,
         "name": facts["name"],
         "reason": reason,
         "created_at": _epoch_iso(facts["started"]),
@@ -108,6 +109,12 @@ def _postgres_manifest(facts: dict, counts: dict, reason: str) -> dict:
         "sha256": facts["sha256"],
         "compression": _compression_of(facts["file"]),
         "compressor": facts.get("compressor", ""),
+    }
+
+
+def _postgres_manifest(facts: dict, counts: dict, reason: str) -> dict:
+    return {
+        **_manifest_base("postgres", facts, reason),
         "dump_format": "pg_dump custom format (-Fc -Z0), compressed on the server",
         "globals": {
             "file": facts["globals_file"],
@@ -125,19 +132,7 @@ def _postgres_manifest(facts: dict, counts: dict, reason: str) -> dict:
 
 def _redis_manifest(facts: dict, reason: str) -> dict:
     return {
-        "format": MANIFEST_FORMAT,
-        "kind": "redis",
-        "name": facts["name"],
-        "reason": reason,
-        "created_at": _epoch_iso(facts["started"]),
-        "finished_at": _epoch_iso(facts["finished"]),
-        "started_epoch": float(facts["started"]),
-        "finished_epoch": float(facts["finished"]),
-        "file": facts["file"],
-        "size": int(facts["size"]),
-        "sha256": facts["sha256"],
-        "compression": _compression_of(facts["file"]),
-        "compressor": facts.get("compressor", ""),
+        **_manifest_base("redis", facts, reason),
         "lastsave": int(facts.get("lastsave") or 0),
         "keys": int(facts.get("keys") or 0),
         "expires": int(facts.get("expires") or 0),

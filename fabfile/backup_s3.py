@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from .config import Settings
 from .errors import OpsError
-from .host import Host, sudo_wrap
+from .host import Host
 
 PART_SIZE = 8 * 1024 * 1024
 
@@ -91,13 +91,7 @@ class ServerReader:
         self.host = host
         self.path = path
         if host.is_remote:
-            cmd = f"cat -- {shlex.quote(path)}"
-            if sudo and host.use_sudo:
-                cmd = sudo_wrap(cmd)
-            if not host.c.is_connected:
-                host.c.open()
-            self.chan = host.c.client.get_transport().open_session()
-            self.chan.exec_command(cmd)
+            self.chan = host.open_channel(f"cat -- {shlex.quote(path)}", sudo=sudo)
             self.fh = None
         else:
             self.chan = None
@@ -135,12 +129,7 @@ class ServerWriter:
         if host.is_remote:
             p = shlex.quote(path)
             cmd = f"bash -c {shlex.quote(f'umask 077; cat > {p} && sync -- {p}')}"
-            if sudo and host.use_sudo:
-                cmd = sudo_wrap(cmd)
-            if not host.c.is_connected:
-                host.c.open()
-            self.chan = host.c.client.get_transport().open_session()
-            self.chan.exec_command(cmd)
+            self.chan = host.open_channel(cmd, sudo=sudo)
             self.fh = None
         else:
             self.chan = None

@@ -123,11 +123,7 @@ class DeployLock:
         return state
 
     def _open_channel(self, timeout: float):
-        conn = self.host.c
-        conn.open()
-        chan = conn.client.get_transport().open_session()
-        chan.settimeout(timeout)
-        chan.exec_command(self.script)
+        chan = self.host.open_channel(self.script, timeout=timeout)
         self._chan = chan
         buf = b""
         while b"== ready\n" not in buf:

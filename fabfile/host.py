@@ -136,6 +136,22 @@ class Host:
     def say(self, message: str) -> None:
         print(message, file=self.out or sys.stdout, flush=True)
 
+    def open_channel(self, command: str, *, sudo: bool = False, timeout: float | None = None):
+        """Start ``command`` on a raw SSH channel (remote hosts only), returning the channel.
+
+        For byte streams and long-lived holders that must not go through
+        ``run()`` (which keeps and decodes all output in memory).
+        """
+        if sudo and self.use_sudo:
+            command = sudo_wrap(command)
+        if not self.c.is_connected:
+            self.c.open()
+        chan = self.c.client.get_transport().open_session()
+        if timeout is not None:
+            chan.settimeout(timeout)
+        chan.exec_command(command)
+        return chan
+
     def _invoke(
         self,
         command: str,

@@ -55,6 +55,16 @@ class SSHHost:
     host_pubkey: str
     workdir: Path
 
+    def forged_known_hosts(self, tmp: Path) -> Path:
+        """A known_hosts file that pins *another* key for this host (a changed key)."""
+        other = tmp / "other_host_key"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)],
+                       check=True)
+        kind, key = other.with_suffix(".pub").read_text().split()[:2]
+        wrong = tmp / "forged_known_hosts"
+        wrong.write_text(f"[{self.host}]:{self.port} {kind} {key}\n")
+        return wrong
+
     def connection(self, settings: dict | None = None, known_hosts: Path | None = None):
         """A fabric Connection whose ``maicivy`` config is ``settings``."""
         from fabric import Config, Connection
@@ -95,64 +105,58 @@ def _sshd_binary() -> str:
     return path
 
 
-@pytest.fixture(scope="session")
-def ssh_host(tmp_path_factory) -> SSHHost:
-    """Start sshd on 127.0.0.1 with throw-away keys; yields an SSHHost."""
-    work = tmp_path_factory.mktemp("sshd")
+def start_sshd(work: Path) -> tuple[SSHHost, subprocess.Popen]:
+    """sshd on 127.0.0.1 with throw-away host and client keys in ``work``.
+
+    Returns the SSHHost and the sshd process (terminate it when done). Also
+    used by the bench scripts.
+    """
+    import pwd
+
+    work.mkdir(parents=True, exist_ok=True)
     os.chmod(work, 0o755)
     host_key = work / "ssh_host_ed25519_key"
     client_key = work / "client_ed25519"
     for key in (host_key, client_key):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)],
-                       check=True)
+        if not key.exists():
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)],
+                           check=True)
     authorized = work / "authorized_keys"
     authorized.write_text(client_key.with_suffix(".pub").read_text())
     authorized.chmod(0o600)
     port = free_port()
     config = work / "sshd_config"
-    config.write_text(
-        "\n".join(
-            [
-                f"Port {port}",
-                "ListenAddress 127.0.0.1",
-                f"HostKey {host_key}",
-                f"PidFile {work / 'sshd.pid'}",
-                f"AuthorizedKeysFile {authorized}",
-                "PasswordAuthentication no",
-                "KbdInteractiveAuthentication no",
-                "PermitRootLogin prohibit-password",
-                "StrictModes no",
-                "UsePAM no",
-                "MaxSessions 64",
-                "MaxStartups 64:30:128",
-                "AcceptEnv LANG LC_*",
-                "Subsystem sftp internal-sftp",
-                "",
-            ]
-        )
-    )
+    config.write_text("\n".join([
+        f"Port {port}", "ListenAddress 127.0.0.1", f"HostKey {host_key}",
+        f"PidFile {work / 'sshd.pid'}", f"AuthorizedKeysFile {authorized}",
+        "PasswordAuthentication no", "KbdInteractiveAuthentication no",
+        "PermitRootLogin prohibit-password", "StrictModes no", "UsePAM no", "MaxSessions 64",
+        "MaxStartups 64:30:128", "AcceptEnv LANG LC_*", "Subsystem sftp internal-sftp", ""]))
     Path("/run/sshd").mkdir(exist_ok=True)
-    log = open(work / "sshd.log", "wb")
-    proc = subprocess.Popen([_sshd_binary(), "-D", "-e", "-f", str(config)],
-                            stdout=log, stderr=subprocess.STDOUT)
+    with open(work / "sshd.log", "wb") as log:
+        proc = subprocess.Popen([_sshd_binary(), "-D", "-e", "-f", str(config)],
+                                stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_port(port)
     except RuntimeError:
         proc.kill()
-        pytest.fail(f"sshd did not start: {(work / 'sshd.log').read_text()}")
-    host_pub = host_key.with_suffix(".pub").read_text().split()
+        raise RuntimeError(f"sshd did not start: {(work / 'sshd.log').read_text()}") from None
+    kind, key = host_key.with_suffix(".pub").read_text().split()[:2]
     known_hosts = work / "known_hosts"
-    known_hosts.write_text(f"[127.0.0.1]:{port} {host_pub[0]} {host_pub[1]}\n")
-    import pwd
+    known_hosts.write_text(f"[127.0.0.1]:{port} {kind} {key}\n")
+    host = SSHHost(host="127.0.0.1", port=port, user=pwd.getpwuid(os.getuid()).pw_name,
+                   client_key=client_key, known_hosts=known_hosts,
+                   host_pubkey=f"{kind} {key}", workdir=work)
+    return host, proc
 
-    yield SSHHost(
-        host="127.0.0.1",
-        port=port,
-        user=pwd.getpwuid(os.getuid()).pw_name,
-        client_key=client_key,
-        known_hosts=known_hosts,
-        host_pubkey=f"{host_pub[0]} {host_pub[1]}",
-        workdir=work,
-    )
+
+@pytest.fixture(scope="session")
+def ssh_host(tmp_path_factory) -> SSHHost:
+    """Start sshd on 127.0.0.1 with throw-away keys; yields an SSHHost."""
+    try:
+        host, proc = start_sshd(tmp_path_factory.mktemp("sshd"))
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    yield host
     proc.terminate()
     proc.wait(timeout=10)

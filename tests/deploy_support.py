@@ -316,47 +316,6 @@ def stop_provision_host(name: str) -> None:
     subprocess.run(["docker", "network", "rm", name], capture_output=True)
 
 
-def start_sshd(work: Path):
-    """A throw-away sshd on 127.0.0.1 (as the ``ssh_host`` fixture), for bench scripts.
-
-    Returns (SSHHost, process); terminate the process when done.
-    """
-    import pwd
-
-    from conftest import SSHHost, free_port, wait_port
-
-    work.mkdir(parents=True, exist_ok=True)
-    os.chmod(work, 0o755)
-    host_key, client_key = work / "ssh_host_ed25519_key", work / "client_ed25519"
-    for key in (host_key, client_key):
-        if not key.exists():
-            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)],
-                           check=True)
-    authorized = work / "authorized_keys"
-    authorized.write_text(client_key.with_suffix(".pub").read_text())
-    authorized.chmod(0o600)
-    port = free_port()
-    config = work / "sshd_config"
-    config.write_text("\n".join([
-        f"Port {port}", "ListenAddress 127.0.0.1", f"HostKey {host_key}",
-        f"PidFile {work / 'sshd.pid'}", f"AuthorizedKeysFile {authorized}",
-        "PasswordAuthentication no", "KbdInteractiveAuthentication no",
-        "PermitRootLogin prohibit-password", "StrictModes no", "UsePAM no", "MaxSessions 64",
-        "MaxStartups 64:30:128", "Subsystem sftp internal-sftp", ""]))
-    Path("/run/sshd").mkdir(exist_ok=True)
-    log = open(work / "sshd.log", "wb")  # noqa: SIM115 - lives as long as sshd
-    proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(config)], stdout=log,
-                            stderr=subprocess.STDOUT)
-    wait_port(port)
-    kind, key = host_key.with_suffix(".pub").read_text().split()[:2]
-    known = work / "known_hosts"
-    known.write_text(f"[127.0.0.1]:{port} {kind} {key}\n")
-    host = SSHHost(host="127.0.0.1", port=port, user=pwd.getpwuid(os.getuid()).pw_name,
-                   client_key=client_key, known_hosts=known, host_pubkey=f"{kind} {key}",
-                   workdir=work)
-    return host, proc
-
-
 def remove_release_tags(project: str) -> None:
     """Drop the ``<project>-release/*`` tags a deploy left (test/bench clean-up)."""
     tags = subprocess.run(["docker", "images", "--format", "{{.Repository}}:{{.Tag}}",

@@ -265,13 +265,8 @@ def test_rollback_on_demand_returns_to_the_previous_release(rig):
 
 
 def test_wrong_host_key_is_refused_and_later_hosts_are_not_touched(rig, tmp_path):
-    import subprocess
 
-    other = tmp_path / "other"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
-    kind, key = other.with_suffix(".pub").read_text().split()[:2]
-    wrong = tmp_path / "known_hosts"
-    wrong.write_text(f"[127.0.0.1]:{rig.ssh_host.port} {kind} {key}\n")
+    wrong = rig.ssh_host.forged_known_hosts(tmp_path)
     log_before = rig.log()
     config = write_config(tmp_path / "wrong.yaml", rig.base, [str(wrong)])
     proc = fab(rig.ssh_host, config, "deploy")

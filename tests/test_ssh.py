@@ -56,11 +56,7 @@ def test_unknown_host_key_is_refused(ssh_host, tmp_path):
 
 
 def test_changed_host_key_is_refused(ssh_host, tmp_path):
-    other = tmp_path / "other_key"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
-    kind, key = other.with_suffix(".pub").read_text().split()[:2]
-    wrong = tmp_path / "known_hosts"
-    wrong.write_text(f"[127.0.0.1]:{ssh_host.port} {kind} {key}\n")
+    wrong = ssh_host.forged_known_hosts(tmp_path)
     conn = ssh_host.connection(known_hosts=wrong)
     harden_connection(conn, [str(wrong)])
     with pytest.raises(HostKeyError, match="has CHANGED"):
