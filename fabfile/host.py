@@ -45,7 +45,7 @@ DEFAULT_KNOWN_HOSTS = ("~/.ssh/known_hosts", "/etc/ssh/ssh_known_hosts")
 def harden_connection(conn, extra_known_hosts: Iterable[str] = ()) -> None:
     """Make a fabric Connection refuse unknown or changed host keys.
 
-    fabric always installs paramiko's AutoAddPolicy and loads no known_hosts
+    fabric always installs paramiko's auto-add host key policy and loads no known_hosts
     file; we load the user's and the system's (plus any configured ones) and
     set RejectPolicy. Safe to call more than once; a no-op for local contexts.
     """
