@@ -69,14 +69,14 @@ def server_lock(host: Host, path: str, *, wait: int, task: str, sudo: bool = Tru
         return
     script = holder_script(path, wait, describe_holder(task))
     command = "bash -c " + shlex.quote(script)
+    if sudo and host.use_sudo:
+        command = sudo_wrap(command)
     if host.is_remote:
-        chan = host.open_channel(command, sudo=sudo)
+        chan = host.open_channel(command)
         line = _first_line(chan.recv)
         release = chan.close
         status = (lambda: chan.recv_exit_status()) if not line.startswith("LOCKED") else None
     else:
-        if sudo and host.use_sudo:
-            command = sudo_wrap(command)
         proc = subprocess.Popen(  # noqa: S602 - a fixed script, quoted above
             command, shell=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,

@@ -205,7 +205,7 @@ def pg_verify_stream(settings: Settings, archive: str = '"$tmp"') -> str:
         + '  grep -qx "status_restore=0" "$work/counts" || '
         + 'fail "pg_restore cannot read the whole archive (corrupted or truncated): $last"\n'
         + "fi\n"
-        + 'grep "^count" "$work/counts" || true  # an empty database has no table\n'
+        + 'grep "^count" "$work/counts" || [ $? = 1 ]  # 1: no table (an empty database)\n'
     )
 
 
