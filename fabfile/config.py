@@ -41,6 +41,7 @@ SERVICES = (
     "prometheus",
     "grafana",
     "node-exporter",
+    "alertmanager",
 )
 
 APP_IMAGES = ("backend", "frontend")
@@ -61,12 +62,15 @@ DEFAULTS: dict[str, Any] = {
     "images": {
         "postgres": "postgres:15-alpine",
         "redis": "redis:7-alpine",
-        "backend": "maicivy/backend:latest",
-        "frontend": "maicivy/frontend:latest",
+        # Pinned, never :latest: a deploy must say which release it runs
+        # (deploy --backend-tag/--frontend-tag or this setting).
+        "backend": "maicivy/backend:1.0.0",
+        "frontend": "maicivy/frontend:1.0.0",
         "nginx": "nginx:1.27-alpine",
         "prometheus": "prom/prometheus:v2.53.0",
         "grafana": "grafana/grafana:11.1.0",
         "node_exporter": "prom/node-exporter:v1.8.1",
+        "alertmanager": "prom/alertmanager:v0.27.0",
     },
     # Ports inside the containers, and what nginx publishes on the host.
     "ports": {
@@ -77,19 +81,29 @@ DEFAULTS: dict[str, Any] = {
         "node_exporter": 9100,
         "postgres": 5432,
         "redis": 6379,
+        "alertmanager": 9093,
     },
     "publish": {
         "bind": "0.0.0.0",
         "http": 80,
         "https": 443,
+        # IPv6 address nginx is also published on ("" for IPv4 only).
+        "bind6": "::",
     },
-    "rate_limit": {"per_minute": 100, "burst": 20},
+    "rate_limit": {"per_minute": 100, "burst": 20,
+                   # Grafana's own zone (its static /public/ files are not limited).
+                   "grafana_per_minute": 300, "grafana_burst": 50},
     "nginx": {
         # Content-Security-Policy for the site; empty means the built-in policy
         # (self, inline styles/scripts for Next.js, wss:// to the site).
         "csp": "",
         "hsts_max_age": 63072000,
         "client_max_body_size": "10m",
+        # nginx and OpenSSL versions of images.nginx: the TLS and HTTP/2
+        # directives are chosen for them (http2 on; needs nginx >= 1.25.1,
+        # X25519MLKEM768 needs OpenSSL >= 3.5).
+        "version": "1.27",
+        "openssl_version": "3.3",
     },
     # Docker health checks of every service (tests shorten the interval).
     "healthcheck": {"interval": "10s", "timeout": "5s", "retries": 5, "start_period": "30s"},
@@ -141,6 +155,7 @@ DEFAULTS: dict[str, Any] = {
         "prometheus": {"cpus": 0.5, "memory": "512m"},
         "grafana": {"cpus": 0.5, "memory": "512m"},
         "node_exporter": {"cpus": 0.25, "memory": "128m"},
+        "alertmanager": {"cpus": 0.25, "memory": "128m"},
     },
     "redis": {"maxmemory": "256mb", "maxmemory_policy": "allkeys-lru"},
     "postgres": {"max_connections": 100},
@@ -168,6 +183,33 @@ DEFAULTS: dict[str, Any] = {
             "ssl_renew": "30 4 * * *",
             "restore_drill": "0 5 * * 0",
         },
+    },
+    # node-exporter's view of the host (its README): mount propagation of the
+    # host's / ("rslave" so later mounts show up; "" where / is a private mount).
+    "node_exporter": {"rootfs_propagation": "rslave"},
+    # --- alerting (fabfile/monitoring.py; validated in _validate_alerting) -----
+    # Who gets the alerts. Secrets (SMTP password, webhook and heartbeat URLs)
+    # are never settings: they live in the server's .env as ALERT_SMTP_PASSWORD,
+    # ALERT_WEBHOOK_URL and ALERT_HEARTBEAT_URL.
+    "alertmanager": {
+        "group_wait": "30s",
+        "group_interval": "5m",
+        "repeat_interval": "4h",
+        "send_resolved": True,
+        # E-mail receiver, on when ``to`` is set (SMTP with AUTH and STARTTLS).
+        "email": {"to": "", "from": "", "smarthost": "", "username": "",
+                  "require_tls": True},
+        # Generic webhook receiver: "" (off), "webhook" (Alertmanager's JSON:
+        # ntfy, any HTTP endpoint) or "slack" (Slack-compatible incoming hooks:
+        # Slack, Mattermost, Discord's /slack URL).
+        "webhook": "",
+        # Dead man's switch: the always-firing Watchdog alert pinged to an
+        # external heartbeat URL (healthchecks.io-style) every ``interval``.
+        "heartbeat": False,
+        "heartbeat_interval": "5m",
+        # CA bundle on the server trusted for SMTP/webhook TLS ("" = system CAs).
+        "ca_file": "",
+        "runbook_url": "https://github.com/maicivy/maicivy-ops/blob/main/docs/OPERATIONS.md",
     },
     # Run privileged commands through ``sudo -n`` (when the SSH user is not root).
     "sudo": False,
@@ -522,5 +564,53 @@ def validate(data: Mapping) -> None:
                and re.match(r"^[0-9*/,-]+( [0-9*/,A-Za-z-]+){4}$", v),
                "a cron schedule of 5 fields such as '15 3 * * *'")
     _check(data, "sudo", lambda v: isinstance(v, bool), "true or false")
+    _validate_alerting(data)
+
+
+# --- alerting settings (i12) ----------------------------------------------------
+_EMAIL_RE = re.compile(r"^[^@\s'\"]+@[^@\s'\"]+\.[^@\s'\"]+$")
+
+
+def _validate_alerting(data: Mapping) -> None:
+    """The ``alertmanager.*`` keys, the nginx versions and app image pins."""
+    for name in APP_IMAGES:
+        ref = data["images"][name]
+        tag = ref.rsplit("/", 1)[-1].partition(":")[2] if "@" not in ref else "digest"
+        if tag in ("", "latest"):
+            _fail(f"images.{name}", "pinned to a release tag such as name:1.4.2 (not :latest)",
+                  ref)
+    _check(data, "publish.bind6", lambda v: v == "" or (isinstance(v, str)
+           and re.match(r"^[0-9a-f:]+$", v) and ":" in v), "empty or an IPv6 address such as ::")
+    for key in ("grafana_per_minute", "grafana_burst"):
+        _check(data, f"rate_limit.{key}", lambda v: _is_int(v, 1, 600000), "an integer > 0")
+    for key in ("version", "openssl_version"):
+        _check(data, f"nginx.{key}", lambda v: isinstance(v, str | float)
+               and re.match(r"^[0-9]+\.[0-9]+(\.[0-9]+)?$", str(v)),
+               "a version such as '1.27' (quoted in YAML)")
+    _check(data, "node_exporter.rootfs_propagation", lambda v: v in ("", "rslave", "rshared",
+           "slave", "shared", "private", "rprivate"), "'rslave' or '' (a bind propagation)")
+    am = "alertmanager"
+    for key in ("group_wait", "group_interval", "repeat_interval", "heartbeat_interval"):
+        _check(data, f"{am}.{key}", lambda v: isinstance(v, str) and _DURATION_RE.match(v),
+               "a duration such as 5m")
+    for key in ("send_resolved", "heartbeat", "email.require_tls"):
+        _check(data, f"{am}.{key}", lambda v: isinstance(v, bool), "true or false")
+    _check(data, f"{am}.webhook", lambda v: v in ("", "webhook", "slack"),
+           "'' (off), 'webhook' or 'slack'")
+    email = data[am]["email"]
+    _check(data, f"{am}.email.to", lambda v: v == "" or (isinstance(v, str) and all(
+        _EMAIL_RE.match(a.strip()) for a in v.split(","))), "empty or e-mail addresses, comma-separated")
+    if email["to"]:
+        _check(data, f"{am}.email.from", lambda v: isinstance(v, str) and _EMAIL_RE.match(v),
+               "the sender's e-mail address (needed with alertmanager.email.to)")
+        _check(data, f"{am}.email.smarthost", lambda v: isinstance(v, str)
+               and re.match(r"^[A-Za-z0-9.-]+:[0-9]{1,5}$", v),
+               "the SMTP server as host:port such as smtp.example.com:587")
+    _check(data, f"{am}.email.username", lambda v: isinstance(v, str)
+           and re.match(r"^[^\s'\"]*$", v), "an SMTP user name without spaces or quotes")
+    _check(data, f"{am}.ca_file", lambda v: v == "" or (isinstance(v, str) and v.startswith("/")
+           and " " not in v), "empty or an absolute path on the server")
+    _check(data, f"{am}.runbook_url", lambda v: isinstance(v, str)
+           and re.match(r"^https?://[^\s'\"#]+$", v), "an http(s) URL of docs/OPERATIONS.md")
     _check(data, "known_hosts", lambda v: isinstance(v, list)
            and all(isinstance(p, str) for p in v), "a list of file paths")

@@ -28,7 +28,8 @@ TEMPLATES_DIR = PROJECT_ROOT / "templates"
 FILES_DIR = PROJECT_ROOT / "files"
 
 # Files that hold no secret but must not be world-readable on the server.
-MODES = {".env.production.example": 0o644}
+MODES = {".env.production.example": 0o644,
+         "monitoring/alertmanager/entrypoint.sh": 0o755}
 
 COMPOSE_FILE = "docker/docker-compose.prod.yml"
 NGINX_CONF = "docker/nginx/nginx.conf"
@@ -37,6 +38,7 @@ ALERTS = "monitoring/prometheus/alerts.yml"
 UNIT = "systemd/maicivy.service"
 ENV_EXAMPLE = ".env.production.example"
 DASHBOARD = "monitoring/grafana/dashboards/maicivy_overview.json"
+ALERTMANAGER_CONF = "monitoring/alertmanager/alertmanager.yml"
 
 
 def _environment() -> jinja2.Environment:
@@ -134,6 +136,40 @@ exec nginx -t -c /etc/nginx/nginx.conf
 """
 
 
+def _version(text: str) -> list[int]:
+    import re
+
+    m = re.search(r"([0-9]+(?:\.[0-9]+)+)", text)
+    return [int(x) for x in m.group(1).split(".")] if m else []
+
+
+def local_nginx_versions(nginx: str) -> tuple[str, str]:
+    """(nginx version, OpenSSL version) of the nginx on this machine."""
+    proc = _run([nginx, "-V"])
+    out = proc.stdout + proc.stderr
+    nv = ".".join(map(str, _version(out.split("nginx version:", 1)[-1].splitlines()[0])))
+    ossl = out.split("built with OpenSSL", 1)
+    ov = ".".join(map(str, _version(ossl[1].splitlines()[0]))) if len(ossl) > 1 else ""
+    return nv, ov
+
+
+def for_older_nginx(conf: str, nginx_version: str, openssl_version: str) -> str:
+    """The rendered nginx.conf as an older nginx/OpenSSL accepts it (for a local nginx -t).
+
+    Only the version-dependent directives change (``http2 on;`` -> ``listen ... http2``
+    before nginx 1.25.1, no X25519MLKEM768 before OpenSSL 3.5); every other byte
+    is the rendered file's.
+    """
+    import re
+
+    if _version(nginx_version) < [1, 25, 1] and "http2 on;" in conf:
+        conf = re.sub(r"(?m)^(\s*listen\s+\S*443 ssl)(( default_server)?;)$", r"\1 http2\2", conf)
+        conf = re.sub(r"(?m)^\s*http2 on;\n", "", conf)
+    if openssl_version and _version(openssl_version) < [3, 5]:
+        conf = conf.replace("X25519MLKEM768:", "")
+    return conf
+
+
 def check_nginx(tree: Path, settings: Settings) -> Check:
     """``nginx -t`` on the rendered file, byte for byte, in a private mount namespace.
 
@@ -154,6 +190,15 @@ def check_nginx(tree: Path, settings: Settings) -> Check:
         etc = Path(sandbox) / "etc-nginx"
         etc.mkdir()
         shutil.copy(tree / NGINX_CONF, etc / "nginx.conf")
+        # An older nginx here than in the image (Debian 12 has 1.22, the image
+        # 1.27): only the version-dependent directives are adapted.
+        local, local_ssl = local_nginx_versions(nginx)
+        note = ""
+        if local and _version(local) < _version(str(settings.nginx.version)):
+            text = (tree / NGINX_CONF).read_text()
+            (etc / "nginx.conf").write_text(for_older_nginx(text, local, local_ssl))
+            note = (f"(checked with the local nginx {local}: its HTTP/2 and curve "
+                    f"directives as for that version; the image runs {settings.nginx.version})\n")
         shutil.copy(tree / "docker/nginx/ffdhe2048.pem", etc / "ffdhe2048.pem")
         shutil.copy(mime, etc / "mime.types")
         names = [settings.domain, settings.grafana_domain]
@@ -171,7 +216,9 @@ def check_nginx(tree: Path, settings: Settings) -> Check:
         if proc.returncode and "mount" in proc.stderr and "nginx:" not in proc.stderr:
             return Check("nginx -t", "skipped", f"cannot make a mount namespace: "
                          f"{proc.stderr.strip()}")
-        return _result("nginx -t", proc)
+        result = _result("nginx -t", proc)
+        result.detail = note + result.detail
+        return result
 
 
 def _sbin(name: str) -> str | None:
@@ -201,6 +248,15 @@ def check_promtool(tree: Path) -> list[Check]:
     ]
 
 
+def check_amtool(tree: Path) -> Check:
+    amtool = shutil.which("amtool")
+    if not amtool:
+        return Check("amtool check-config", "skipped",
+                     "amtool (Debian package prometheus-alertmanager) is not installed")
+    return _result("amtool check-config",
+                   _run([amtool, "check-config", str(tree / ALERTMANAGER_CONF)]))
+
+
 def check_compose(tree: Path) -> Check:
     docker = shutil.which("docker")
     if not docker or _run([docker, "compose", "version"]).returncode:
@@ -228,6 +284,7 @@ def validate_tree(tree: Path, settings: Settings) -> list[Check]:
         check_nginx(tree, settings),
         check_gixy(tree),
         *check_promtool(tree),
+        check_amtool(tree),
         check_compose(tree),
         check_unit(tree),
     ]

@@ -20,8 +20,8 @@ from fabfile import render as r
 from fabfile.config import load_settings
 
 HERE = Path(__file__).resolve().parent
-SERVICES = ["backend", "frontend", "grafana", "nginx", "node-exporter", "postgres",
-            "prometheus", "redis"]
+SERVICES = ["alertmanager", "backend", "frontend", "grafana", "nginx", "node-exporter",
+            "postgres", "prometheus", "redis"]
 
 
 def settings(**overrides):
@@ -62,6 +62,8 @@ def test_every_production_file_is_rendered(tree):
         "monitoring/grafana/provisioning/datasources/prometheus.yml",
         "monitoring/grafana/provisioning/dashboards/dashboard.yml",
         "monitoring/grafana/dashboards/maicivy_overview.json",
+        "monitoring/alertmanager/alertmanager.yml",
+        "monitoring/alertmanager/entrypoint.sh",
         "systemd/maicivy.service",
     }
 
@@ -78,7 +80,7 @@ def test_nginx_conf(tree):
     conf = tree["docker/nginx/nginx.conf"].decode()
     for name in ("backend", "frontend", "grafana"):
         assert f"upstream {name} {{" in conf
-    assert "return 301 https://$host$request_uri;" in conf
+    assert "return 308 https://$host$request_uri;" in conf
     assert "location /.well-known/acme-challenge/" in conf
     assert "rate=100r/m" in conf and "limit_req_status 429;" in conf
     assert "ssl_protocols TLSv1.2 TLSv1.3;" in conf
@@ -125,7 +127,10 @@ def test_compose_file(tree):
 def test_prometheus_config(tree):
     prom = yaml.safe_load(tree["monitoring/prometheus/prometheus.yml"])
     assert prom["global"]["scrape_interval"] == "15s"
-    assert {j["job_name"] for j in prom["scrape_configs"]} == {"prometheus", "backend", "node"}
+    assert {j["job_name"] for j in prom["scrape_configs"]} == {
+        "prometheus", "backend", "node", "alertmanager"}
+    assert prom["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] == [
+        "alertmanager:9093"]
     assert prom["rule_files"] == ["alerts.yml"]
     compose = tree["docker/docker-compose.prod.yml"].decode()
     assert "--storage.tsdb.retention.time=15d" in compose
@@ -192,9 +197,9 @@ def test_render_task_validates_default_render(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
-    assert sum(line.startswith("wrote ") for line in lines) == 10
+    assert sum(line.startswith("wrote ") for line in lines) == 12
     for name in ("nginx -t", "gixy", "promtool check config", "promtool check rules",
-                 "docker compose config", "systemd-analyze verify"):
+                 "amtool check-config", "docker compose config", "systemd-analyze verify"):
         assert any(line.split() and line.split()[0] == "passed" and name in line
                    for line in lines), (name, proc.stdout)
 

@@ -47,6 +47,7 @@ redis           test    redis          base     -
 nginx           test    nginx          base     -
 prometheus      test    prometheus     base     -
 node-exporter   test    node-exporter  base     -
+alertmanager    test    alertmanager   base     -
 backend         v1      backend        pybase   VERSION=v1
 backend         v2      backend        pybase   VERSION=v2
 backend         broken  backend        pybase   VERSION=broken,BROKEN=1
