@@ -599,7 +599,8 @@ def _validate_alerting(data: Mapping) -> None:
            "'' (off), 'webhook' or 'slack'")
     email = data[am]["email"]
     _check(data, f"{am}.email.to", lambda v: v == "" or (isinstance(v, str) and all(
-        _EMAIL_RE.match(a.strip()) for a in v.split(","))), "empty or e-mail addresses, comma-separated")
+        _EMAIL_RE.match(a.strip()) for a in v.split(","))),
+        "empty or e-mail addresses, comma-separated")
     if email["to"]:
         _check(data, f"{am}.email.from", lambda v: isinstance(v, str) and _EMAIL_RE.match(v),
                "the sender's e-mail address (needed with alertmanager.email.to)")
