@@ -249,17 +249,27 @@ def venv_script(settings: Settings, marker: str, compose_from_pip: bool) -> str:
 # --- cron -----------------------------------------------------------------------------
 
 
+def cron_quote(word: str) -> str:
+    """``word`` as one shell word for a crontab line: quoted, ``%`` escaped.
+
+    cron turns an unescaped ``%`` into a newline (the rest becomes stdin).
+    """
+    return shlex.quote(word).replace("%", "\\%")
+
+
 def cron_lines(settings: Settings) -> list[str]:
     """The cron entries, each runnable exactly as written, using the ops venv on the server."""
     root = settings.root.rstrip("/")
-    inv = f"{root}/ops/.venv/bin/inv -r {root}/ops"
+    q = cron_quote
+    inv = f"{q(root + '/ops/.venv/bin/inv')} -r {q(root + '/ops')}"
     log = settings.provision.log_dir.rstrip("/")
     cron = settings.provision.cron
     return [
-        f"{cron.postgres_backup} cd / && {inv} backup.postgres >> {log}/backup.log 2>&1",
-        f"{cron.redis_backup} cd / && {inv} backup.redis >> {log}/backup.log 2>&1",
-        f"{cron.ssl_renew} cd / && {inv} ssl.renew >> {log}/ssl.log 2>&1",
-        f"{cron.restore_drill} cd / && {inv} backup.verify >> {log}/restore-drill.log 2>&1",
+        f"{cron.postgres_backup} cd / && {inv} backup.postgres >> {q(log + '/backup.log')} 2>&1",
+        f"{cron.redis_backup} cd / && {inv} backup.redis >> {q(log + '/backup.log')} 2>&1",
+        f"{cron.ssl_renew} cd / && {inv} ssl.renew >> {q(log + '/ssl.log')} 2>&1",
+        f"{cron.restore_drill} cd / && {inv} backup.verify >> "
+        f"{q(log + '/restore-drill.log')} 2>&1",
     ]
 
 
