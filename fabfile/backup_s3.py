@@ -58,9 +58,14 @@ def client(settings: Settings, env: dict[str, str]):
     key_id = env.get("AWS_ACCESS_KEY_ID", "")
     secret = env.get("AWS_SECRET_ACCESS_KEY", "")
     if not key_id or not secret:
+        why = ("backup.s3.bucket is set but" if settings.backup.s3.bucket
+               else "reading from S3 needs credentials:")
         raise OpsError(
-            "backup.s3.bucket is set but AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY are "
-            f"empty in {settings.env_file}; add them there (or unset backup.s3.bucket)"
+            f"{why} AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY are empty in "
+            f"{settings.env_file}; set them there"
+            + (" (or unset backup.s3.bucket)" if settings.backup.s3.bucket else
+               ", and backup.s3.endpoint / backup.s3.region if the bucket is not on AWS "
+               "us-east-1")
         )
     s3 = settings.backup.s3
     config = Config(
