@@ -257,10 +257,10 @@ SCHEMA: dict[str, Any] = {
                             "S3-compatible endpoint; empty: AWS"),
             "region": Key("us-east-1", text(r"[a-z0-9-]+", "a region name such as us-east-1"),
                           "S3 region"),
-            "sse": Key("AES256", Rule("'AES256', 'aws:kms' or '' (none)", (str,),
-                                      choices=("AES256", "aws:kms", "")),
-                       "server-side encryption of uploaded objects; '' where the service "
-                       "refuses the header"),
+            # Not aws:kms: S3's ETag is then no MD5 and uploads could not be verified.
+            "sse": Key("AES256", Rule("'AES256' or '' (none)", (str,), choices=("AES256", "")),
+                       "server-side encryption asked for and checked on every uploaded "
+                       "object; '' only where the service cannot encrypt"),
         },
     },
     "alerts": {
