@@ -158,10 +158,25 @@ def _make_backup(host: Host, settings: Settings, kind: str, reason: str) -> dict
         checks = ["sha256", "decompress", "redis-check-rdb"]
     manifest["verification"] = {"ok": True, "checks": checks, "verified_at": iso(utc_now())}
     path = manifest_path(settings, kind, manifest["name"])
-    host.write_file(path, manifest_json(manifest), mode=0o600, sudo=True)
-    host.run(f"sync -- {shlex.quote(path)} {shlex.quote(kind_dir(settings, kind))}",
-             sudo=True, warn=True)
+    try:
+        host.write_file(path, manifest_json(manifest), mode=0o600, sudo=True)
+    except OpsError as exc:
+        # Without its manifest the backup does not exist: take its data files away.
+        d = kind_dir(settings, kind)
+        data = [f"{d}/{f}" for f in _data_files(manifest)]
+        host.run("rm -f -- " + " ".join(shlex.quote(p) for p in data), sudo=True, warn=True)
+        raise BackupFailed(f"{kind} backup failed: {exc} (its data files were removed; "
+                           "older backups are untouched)") from exc
+    host.run(f"sync -- {shlex.quote(kind_dir(settings, kind))}", sudo=True, warn=True)
     return manifest
+
+
+def _data_files(manifest: dict) -> list[str]:
+    """The data file names a manifest lists (archive, then globals)."""
+    files = [manifest["file"]]
+    if manifest.get("globals"):
+        files.append(manifest["globals"]["file"])
+    return files
 
 
 def _remove_incomplete(host: Host, settings: Settings, kind: str) -> list[str]:

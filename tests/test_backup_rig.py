@@ -233,6 +233,51 @@ def test_disk_full_leaves_no_partial_file_and_the_older_backups_intact(rig, tmp_
         subprocess.run(["umount", str(full)], check=False)
 
 
+def _used_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
+def test_a_disk_that_fills_exactly_at_the_manifest_fails_cleanly_via_fab_and_inv(rig, tmp_path):
+    # The data files fit, the manifest does not: the run must fail with one line
+    # naming the manifest and the cause, and take its data files away (a backup
+    # without a manifest does not exist), through SSH (fab) and on the server (inv).
+    full = tmp_path / "exact"
+    full.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=700", "tmpfs",
+                            str(full)], capture_output=True, text=True)
+    if mount.returncode != 0:
+        pytest.fail(f"cannot mount a tmpfs (the rig runs as root): {mount.stderr}")
+    try:
+        config = rig.config(backup={"dir": str(full)})
+        ok(rig.fab("backup.postgres", config=config))
+        m = json.loads(next((full / "postgres").glob("*.json")).read_text())
+        pages = sum(-(-n // 4096) for n in (m["size"], m["globals"]["size"]))
+        older = {p.name: sha256_file(p) for p in (full / "postgres").iterdir()}
+        good = rig.metrics("postgres")["maicivy_backup_last_success_timestamp_seconds"]
+        # Room for one more dump and its globals (same database, same size), not a byte more.
+        subprocess.run(["mount", "-o", f"remount,size={_used_bytes(full) + pages * 4096}",
+                        str(full)], check=True)
+        for cli in (rig.fab, rig.inv):
+            proc = cli("backup.postgres", config=config)
+            assert proc.returncode != 0, proc.stdout
+            assert "Traceback" not in proc.stderr, proc.stderr
+            assert len(errors(proc)) == 1, proc.stderr
+            line = errors(proc)[0]
+            assert re.search(r"cannot write \S+/postgres/postgres-\S+\.json"
+                             r"( on \S+)?: No space left on device", line), line
+            assert "verified" not in proc.stdout
+            after = {p.name: sha256_file(p) for p in (full / "postgres").iterdir()}
+            assert after == older  # no data file of the failed run, the older one intact
+            metrics = rig.metrics("postgres")
+            assert metrics["maicivy_backup_last_result"] == 0
+            assert metrics["maicivy_backup_last_success_timestamp_seconds"] == good
+        listing = ok(rig.fab("backup.list", "--kind", "postgres", config=config))
+        assert "incomplete" not in listing.stdout and m["name"] in listing.stdout
+    finally:
+        subprocess.run(["umount", str(full)], check=False)
+
+
 def _wait_group_gone(pgid: int, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while True:
