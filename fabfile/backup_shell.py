@@ -104,6 +104,19 @@ def q(value: str) -> str:
     return shlex.quote(str(value))
 
 
+# Variables of the generated scripts that a message may name (expanded by bash).
+MESSAGE_VARS = ("dir", "tmp", "gtmp", "archive", "data", "gdata")
+
+
+def dq(text: str) -> str:
+    """``text`` as a bash double-quoted word: inert, except ``$dir``-style references
+    to the scripts' own variables (:data:`MESSAGE_VARS`), which expand to real paths."""
+    escaped = re.sub(r'([\\"`$])', r"\\\1", str(text))
+    for var in MESSAGE_VARS:
+        escaped = re.sub(r"\\\$(\{" + var + r"\}|" + var + r"\b)", r"$\1", escaped)
+    return f'"{escaped}"'
+
+
 def kind_dir(settings: Settings, kind: str) -> str:
     return f"{settings.backup.dir.rstrip('/')}/{kind}"
 
@@ -134,7 +147,7 @@ def _pipe_status(labels: tuple[str, ...], writer_first: bool) -> str:
     if writer_first:  # a writer that fails (disk full) also kills the stages before it
         order.reverse()
     for i, label in order:
-        lines.append(f'[ "${{st[{i}]}}" = 0 ] || fail {q(label)}" (exit ${{st[{i}]}})"')
+        lines.append(f'[ "${{st[{i}]}}" = 0 ] || fail {dq(label)}" (exit ${{st[{i}]}})"')
     return "\n".join(lines) + "\n"
 
 
