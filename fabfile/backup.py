@@ -225,16 +225,39 @@ def _offsite(host: Host, settings: Settings, manifest: dict) -> dict:
 
 def apply_retention(host: Host, settings: Settings, kind: str, *, dry_run: bool = False,
                     quiet: bool = False) -> list:
-    """Delete what the retention plan says may go (only verified backups count)."""
+    """Delete what the retention plan says may go (only verified backups count).
+
+    Before anything is deleted, the backups that min_keep and the keep tiers
+    count on are re-checked (size and sha256 against their manifests, in one
+    round trip): a bad one does not count, is reported and kept aside, and the
+    plan is made again, so the last good backup is never deleted.
+    """
+    from dataclasses import replace
+
     entries = list_backups(host, settings).get(kind, [])
-    decisions = plan(
-        [e.as_backup() for e in entries],
-        now=utc_now(),
-        retention_days=settings.backup.retention_days[kind],
-        min_keep=settings.backup.min_keep,
-        keep=settings.backup.keep,
-    )
     by_name = {e.name: e for e in entries}
+    bad: dict[str, str] = {}
+    checked: set[str] = set()
+    while True:
+        decisions = plan(
+            [replace(e.as_backup(), bad=bad.get(e.name, "")) for e in entries],
+            now=utc_now(),
+            retention_days=settings.backup.retention_days[kind],
+            min_keep=settings.backup.min_keep,
+            keep=settings.backup.keep,
+        )
+        if not any(not d.keep for d in decisions):
+            break  # nothing goes: nothing depends on what is counted
+        unchecked = [by_name[d.backup.name] for d in decisions
+                     if d.counted and d.backup.name not in checked]
+        if not unchecked:
+            break
+        checked.update(e.name for e in unchecked)
+        found = bad_backups(host, settings, unchecked)
+        for name, why in found.items():
+            host.say(f"warning: {kind} backup {name} is BAD ({why}): it does not count "
+                     "towards retention and is kept aside; see backup.list")
+        bad.update(found)
     doomed = [p for d in decisions if not d.keep for p in by_name[d.backup.name].paths(settings)]
     for line in format_plan(decisions):
         if not quiet or line.startswith("delete"):
@@ -242,6 +265,32 @@ def apply_retention(host: Host, settings: Settings, kind: str, *, dry_run: bool 
     if doomed and not dry_run:
         host.run("rm -f -- " + " ".join(shlex.quote(p) for p in doomed), sudo=True)
     return decisions
+
+
+def bad_backups(host: Host, settings: Settings, entries: list[Entry]) -> dict[str, str]:
+    """``{name: why}`` of the complete backups whose files differ from their manifest
+    (size from the listing, sha256 read back: one round trip for all of them)."""
+    wanted: dict[str, tuple[str, str, int, str]] = {}
+    for e in entries:
+        m = e.manifest or {}
+        files = [(m.get("file"), m.get("sha256"), m.get("size"))]
+        if m.get("globals"):
+            g = m["globals"]
+            files.append((g.get("file"), g.get("sha256"), g.get("size")))
+        for fname, sha, size in files:
+            wanted[f"{e.dir(settings)}/{fname}"] = (e.name, sha, size, fname)
+    sums = host.hashes(wanted, sudo=True)
+    bad: dict[str, str] = {}
+    by_name = {e.name: e for e in entries}
+    for path, (name, sha, size, fname) in wanted.items():
+        if name in bad:
+            continue
+        if by_name[name].files.get(fname) != size:
+            bad[name] = f"{fname} is {by_name[name].files.get(fname, 'missing')} bytes, " \
+                        f"its manifest says {size}"
+        elif sums.get(path) != sha:
+            bad[name] = f"sha256 of {fname} differs from its manifest"
+    return bad
 
 
 def run_backup(
