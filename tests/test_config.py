@@ -162,7 +162,7 @@ def test_example_config_file_is_valid():
      "maicivy.alertmanager.email.from must be the sender's e-mail address"),
     ({"alertmanager": {"email": {"to": "ops@example.com", "from": "am@example.com",
                                  "smarthost": "smtp.example.com"}}},
-     "maicivy.alertmanager.email.smarthost must be the SMTP server as host:port"),
+     "maicivy.alertmanager.email.smarthost must be empty or the SMTP server as host:port"),
     ({"alertmanager": {"repeat_interval": "4 hours"}}, "maicivy.alertmanager.repeat_interval"),
     ({"nginx": {"version": "latest"}}, "maicivy.nginx.version must be a version"),
     ({"publish": {"bind6": "0.0.0.0"}}, "maicivy.publish.bind6 must be empty or an IPv6"),
