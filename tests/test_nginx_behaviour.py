@@ -10,6 +10,7 @@ import base64
 import gzip
 import hashlib
 import http.client
+import json
 import os
 import socket
 import ssl
@@ -122,7 +123,7 @@ def test_security_headers_on_html_api_and_static_responses(stack, path, kind):
 
 
 @pytest.mark.parametrize("path", ["/", "/_next/static/chunks/main-v1.js",
-                                  "/_next/static/css/app-v1.css", "/site.webmanifest"])
+                                  "/_next/static/css/app-v1.css"])
 def test_text_responses_are_gzipped(stack, path):
     _, plain_headers, plain = https(stack, path)
     status, headers, body = https(stack, path, headers={"Accept-Encoding": "gzip"})
@@ -132,6 +133,27 @@ def test_text_responses_are_gzipped(stack, path):
     assert gzip.decompress(body) == plain
     assert len(body) < len(plain)
     assert "Content-Encoding" not in plain_headers
+
+
+def test_h5bp_types_are_gzipped_too(stack):
+    # a web app manifest (application/manifest+json, once left out), served
+    # by nginx itself from the ACME webroot
+    challenge = Path(stack.settings.tls.webroot) / ".well-known" / "acme-challenge"
+    challenge.mkdir(parents=True, exist_ok=True)
+    manifest = json.dumps({"name": "maicivy", "icons": [
+        {"src": f"/icons/icon-{n}.png", "sizes": f"{n}x{n}", "type": "image/png"}
+        for n in (72, 96, 128, 144, 152, 192, 384, 512)]}).encode()
+    (challenge / "site.webmanifest").write_bytes(manifest)
+    conn = http.client.HTTPConnection("127.0.0.1", stack.settings.publish.http, timeout=15)
+    try:
+        conn.request("GET", "/.well-known/acme-challenge/site.webmanifest",
+                     headers={"Host": SITE, "Accept-Encoding": "gzip"})
+        resp = conn.getresponse()
+        body, headers = resp.read(), resp.headers
+    finally:
+        conn.close()
+    assert headers["Content-Type"] == "application/manifest+json"
+    assert headers["Content-Encoding"] == "gzip" and gzip.decompress(body) == manifest
 
 
 def test_static_assets_carry_long_cache_headers_and_html_does_not(stack):

@@ -3,13 +3,10 @@
 GET /                          200 text/html, a few KB (so gzip is worth it)
 GET /_next/static/<any>.js     200 application/javascript (.css: text/css)
 GET /api/health                200 {"status":"ok","version":V}
-GET /site.webmanifest          200 application/manifest+json
 other paths                    404 HTML page
 """
 
 from __future__ import annotations
-
-import json
 
 from standin import Handler, app_version, env_port, serve
 
@@ -62,15 +59,6 @@ NOT_FOUND = "<!DOCTYPE html><html><head><title>404</title></head><body><h1>404</
             "<p>This page could not be found.</p></body></html>\n"
 
 
-# A web app manifest (one of h5bp's compressible types nginx once left out).
-MANIFEST = json.dumps({
-    "name": "maicivy", "short_name": "maicivy", "start_url": "/", "display": "standalone",
-    "background_color": "#ffffff", "theme_color": "#0f172a",
-    "icons": [{"src": f"/icons/icon-{n}.png", "sizes": f"{n}x{n}", "type": "image/png"}
-              for n in (72, 96, 128, 144, 152, 192, 384, 512)],
-}, indent=2)
-
-
 class Frontend(Handler):
     extra_headers = (("X-Powered-By", "Next.js"),)
 
@@ -91,8 +79,6 @@ class Frontend(Handler):
                 return self.text(200, SCRIPT, "application/javascript; charset=utf-8", immutable)
             if path.endswith(".css"):
                 return self.text(200, STYLE, "text/css; charset=utf-8", immutable)
-        if path == "/site.webmanifest":
-            return self.text(200, MANIFEST, "application/manifest+json")
         return self.text(404, NOT_FOUND, "text/html; charset=utf-8")
 
 
