@@ -11,8 +11,10 @@
 # its own (auth_password_file), so no quoting can break it.
 set -eu
 umask 077
-src=/etc/alertmanager/alertmanager.yml
-dir=/tmp/alertmanager
+# (The AM_* overrides exist for the unit test, which runs this script as is.)
+src=${AM_CONFIG:-/etc/alertmanager/alertmanager.yml}
+dir=${AM_RUN_DIR:-/tmp/alertmanager}
+bin=${AM_BIN:-/bin/alertmanager}
 placeholder=http://maicivy.invalid/
 
 fill() {
@@ -51,7 +53,7 @@ reload)
 run)
     [ "$#" -eq 0 ] || shift
     fill
-    exec /bin/alertmanager --config.file="$dir/alertmanager.yml" "$@"
+    exec "$bin" --config.file="$dir/alertmanager.yml" "$@"
     ;;
 *)
     echo "usage: entrypoint.sh run [flags...] | reload" >&2
