@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from ssl_support import fab
+from ssl_support import fab, task_env
 from stack_rig import TEST_ENV, StackRig
 
 from fabfile.stack import fill_env, remote_files
@@ -208,6 +208,23 @@ def test_backend_down_inhibits_high_error_rate(stack):
 
     status = wait_for(state, 30, "HighErrorRate to be inhibited")
     assert status["state"] == "suppressed"
+
+
+def test_push_checks_and_reloads_alertmanager_with_its_secrets(stack):
+    before = json.loads(am_api(stack, "/api/v2/status"))["config"]["original"]
+    assert "repeat_interval: 1h" in before
+    env = task_env(stack, alertmanager={"repeat_interval": "2h"})
+    proc = fab(stack, "monitoring.push", env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "updated monitoring/alertmanager/alertmanager.yml" in proc.stdout
+    assert "Alertmanager" in proc.stdout.splitlines()[-1]
+    live = json.loads(am_api(stack, "/api/v2/status"))["config"]["original"]
+    assert "repeat_interval: 2h" in live
+    # the reloaded configuration has the secrets again (never in the file on disk)
+    assert f"/hook/{HOOK_TOKEN}" in live or "<secret>" in live
+    on_disk = stack.run(f"cat {stack.settings.root}/monitoring/alertmanager/alertmanager.yml",
+                        hide=True).stdout
+    assert HOOK_TOKEN not in on_disk and "maicivy.invalid/ALERT_WEBHOOK_URL" in on_disk
 
 
 def test_with_the_smtp_server_down_the_task_names_the_email_receiver(stack):
