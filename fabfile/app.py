@@ -71,7 +71,8 @@ def status_script(settings: Settings) -> str:
         'if [ -n "$ids" ]; then',
         f"  docker inspect --format {shlex.quote(_STATUS_FORMAT)} $ids",
         "  for i in $(docker inspect --format '{{.Image}}' $ids | sort -u); do",
-        "    docker image inspect --format '@@i {{.Id}}|{{join .RepoDigests \",\"}}' \"$i\"",
+        "    docker image inspect --format "
+        "'@@i {{.Id}}|{{range .RepoDigests}}{{.}},{{end}}' \"$i\"",
         "  done",
         "fi",
         f"echo \"@@release $(cat {shlex.quote(state_dir(settings))}/current 2>/dev/null)\"",
@@ -344,19 +345,21 @@ def _finish(rc: int) -> None:
 
 @ops_task(name="exec", positional=["service", "command"], help={
     "service": "the service whose container runs the command",
-    "command": "the command line to run (quote it); default: a shell (sh)",
+    "command": "the command line to run (quote it); sh for a shell",
 })
-def exec_(c, service="", command="sh"):
+def exec_(c, service=None, command=None):
     """Run a command in a service's container (with a real terminal when you are at one).
 
-    fab -H vps app.exec backend 'ls -la /app'; without a command, a shell.
+    fab -H vps app.exec backend 'ls -la /app'; fab -H vps app.exec backend sh
+    for a shell. On a terminal the command gets a real one (colours, Ctrl-C,
+    full-screen programs); otherwise its input and output are passed through.
     """
     settings = settings_for(c)
     host = host_for(c, settings)
     name = _services(service, allow_all=False)
     if len(name) != 1:
         raise OpsError("name one service")
-    _finish(run_in(c, settings, host, name[0], shlex.split(command) or ["sh"]))
+    _finish(run_in(c, settings, host, name[0], shlex.split(command or "") or ["sh"]))
 
 
 @ops_task(help={"command": "run this SQL and exit instead of an interactive psql"})
@@ -445,7 +448,7 @@ def _who() -> str:
 
 
 @ops_task(positional=["service"], help={"service": "the service to restart"})
-def restart(c, service=""):
+def restart(c, service=None):
     """Restart one service and wait until it is healthy again.
 
     backend and frontend take deploy's no-downtime path: a new container
