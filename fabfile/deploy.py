@@ -23,7 +23,6 @@ The pure half (scripts and their parsing) is in :mod:`fabfile.release`.
 
 from __future__ import annotations
 
-import difflib
 import getpass
 import shlex
 import socket
@@ -390,29 +389,13 @@ def _deploy_locked(host: Host, settings: Settings, files, state: ServerState,
     return release
 
 
-def dry_run_deploy(host: Host, settings: Settings) -> None:
-    """Print the diff of every file that would change and the commands that would run."""
+def dry_run_commands(host: Host, settings: Settings) -> None:
+    """Print the commands a deploy would run (deploy --dry-run --verbose)."""
     files = remote_files(settings)
     state = parse_state(host.check(probe_script(settings, list(files)), sudo=True).stdout)
     root = settings.root.rstrip("/")
-    if state.busy:
-        host.say(f"note: a deploy is running now: {state.busy}")
-    if state.unset:
-        host.say(f"note: {settings.env_file} lacks {', '.join(state.unset)}: a real deploy "
-                 "would refuse; run provision first")
     known = {f"{root}/{rel}": digest for rel, digest in state.hashes.items()}
     changed = [p for p, data in files.items() if known.get(p) != sha256(data)]
-    for path in changed:
-        old = host.read_file(path, sudo=True) if path in known else b""
-        diff = difflib.unified_diff(
-            old.decode(errors="replace").splitlines(keepends=True),
-            files[path].decode(errors="replace").splitlines(keepends=True),
-            fromfile=f"{host.name}:{path}" if path in known else "/dev/null",
-            tofile=f"{host.name}:{path} (new)",
-        )
-        host.say("".join(diff).rstrip("\n"))
-    if not changed:
-        host.say("no file would change")
     for path in changed:
         host.say(f"[dry-run] would write {path}")
     host.run(plan_script(settings, image_refs(settings), pull=True))
@@ -431,10 +414,12 @@ def dry_run_deploy(host: Host, settings: Settings) -> None:
 
 
 @ops_task(default=True, help={
-    "dry_run": "print the diff of every file that would change and the commands that "
-               "would run; change nothing",
+    "dry_run": "print the plan: the diff of every file that would change, then per "
+               "service the image running now, the one the registry has and what would "
+               "happen, and the backup; change nothing",
+    "verbose": "with --dry-run: also print the commands deploy would run",
 })
-def deploy(c, dry_run=False):
+def deploy(c, dry_run=False, verbose=False):
     """Deploy the stack without downtime; roll back automatically if it is not healthy.
 
     Takes the deploy lock, uploads the rendered files that changed, pulls the
@@ -450,9 +435,17 @@ def deploy(c, dry_run=False):
     settings = settings_for(c)
     host = host_for(c, settings, dry_run=dry_run)
     if dry_run:
-        dry_run_deploy(host, settings)
+        from .plan import show_plan
+
+        show_plan(host, settings)
+        if verbose:
+            dry_run_commands(host, settings)
         return
     deploy_host(host, settings)
+    from .app import maintenance_note
+
+    if note := maintenance_note(host, settings):  # never silently left on
+        host.say(note)
 
 
 @ops_task

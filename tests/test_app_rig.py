@@ -11,6 +11,7 @@ import fcntl
 import json
 import os
 import pty
+import re
 import select
 import signal
 import subprocess
@@ -88,6 +89,44 @@ def test_status_shows_every_service_with_image_digest_uptime_and_ports(stack):
     assert table.stdout.splitlines()[0].split()[:3] == ["SERVICE", "STATE", "HEALTH"]
     assert "deploy lock: free" in table.stdout
     assert "localhost: all services healthy" in table.stdout
+
+
+# --- deploy --dry-run as a plan ---------------------------------------------------------
+
+
+def test_deploy_dry_run_is_a_plan_one_line_when_nothing_changes(stack):
+    from deploy_support import tree_fingerprint
+    from rig.images import BACKEND_V2
+
+    root = stack.tmp / "srv"
+    before = tree_fingerprint(root)
+    same = fab(stack, "deploy", "--dry-run")
+    assert same.returncode == 0, same.stdout + same.stderr
+    assert same.stdout.strip().splitlines() == [
+        f"{stack.ssh_host.user}@127.0.0.1:{stack.ssh_host.port}: nothing would change "
+        "(files, images and containers are current)"]
+
+    env = task_env(stack, images={"backend": BACKEND_V2}, rate_limit={"per_minute": 1200})
+    proc = fab(stack, "deploy", "--dry-run", env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert re.search(r"^-.*rate=6000r/m;$", out, re.M) and re.search(r"^\+.*rate=1200r/m;$",
+                                                                      out, re.M)
+    assert re.search(r"^\+    image: \S+/backend:v2$", out, re.M)
+    rows = {line.split()[0]: line for line in out.splitlines()
+            if line.split() and line.split()[0] in SERVICES}
+    v2_digest = subprocess.run(["docker", "image", "inspect", "--format",
+                                "{{index .RepoDigests 0}}", BACKEND_V2], capture_output=True,
+                               text=True).stdout.strip().split("@sha256:")[1][:12]
+    assert re.search(rf"->\s+{re.escape(BACKEND_V2)}@{v2_digest}\s", rows["backend"])
+    assert "replace beside the old (image " in rows["backend"]
+    assert rows["nginx"].rstrip().endswith("reload (a file it mounts changed)")
+    assert rows["postgres"].rstrip().endswith("nothing")
+    assert "backup first: backup.postgres (pre-deploy)" in out
+    assert "[dry-run] would run" not in out and "set -e" not in out
+    verbose = fab(stack, "deploy", "--dry-run", "--verbose", env=env)
+    assert "[dry-run] would run: docker compose" in verbose.stdout
+    assert tree_fingerprint(root) == before
 
 
 # --- logs ------------------------------------------------------------------------------

@@ -207,3 +207,46 @@ def test_local_stream_ctrl_c_stops_the_command():
             break
         time.sleep(0.1)
     assert not left
+
+
+# --- deploy --dry-run as a plan ------------------------------------------------------
+
+
+def test_image_references_are_split_as_the_registry_api_wants():
+    from fabfile.plan import split_ref
+
+    assert split_ref("postgres:15-alpine") == ("registry-1.docker.io", "library/postgres",
+                                               "15-alpine")
+    assert split_ref("prom/prometheus:v2.53.0") == ("registry-1.docker.io", "prom/prometheus",
+                                                    "v2.53.0")
+    assert split_ref("127.0.0.1:5000/maicivy/backend") == ("127.0.0.1:5000", "maicivy/backend",
+                                                           "latest")
+    assert split_ref("ghcr.io/acme/api:1.2") == ("ghcr.io", "acme/api", "1.2")
+
+
+def test_plan_rows_say_what_would_happen_to_each_service():
+    from fabfile.plan import format_plan, plan_rows
+
+    s = settings(images={"backend": "reg:5000/app/backend:v2"})
+    ref = {svc: s.image(svc) for svc in SERVICES}
+    lines = ["== containers"]
+    for svc in SERVICES:
+        r = "reg:5000/app/backend:v1" if svc == "backend" else ref[svc]
+        lines.append(f"id{svc}|/p-{svc}-1|{svc}|h|img-{svc}|{r}|running|healthy|2026")
+    lines.append("@@image img-backend reg:5000/app/backend@sha256:aaa")
+    lines.append(f"@@image img-redis {ref['redis'].split(':')[0]}@sha256:old")
+    lines.append("@@remote reg:5000/app/backend:v2 sha256:bbb")
+    lines.append(f"@@remote {ref['redis']} sha256:new")
+    lines.append(f"@@remote {ref['grafana']} ?HTTP 401")
+    rows = {r.service: r for r in plan_rows(s, "\n".join(lines), "services: {}\n",
+                                            "services: {}\n", ["docker/nginx/nginx.conf"])}
+    assert rows["backend"].action == "replace beside the old"
+    assert rows["backend"].now == "reg:5000/app/backend:v1@aaa"
+    assert rows["backend"].then == "reg:5000/app/backend:v2@bbb"
+    assert rows["redis"].action == "recreate" and "newer image" in rows["redis"].why
+    assert rows["nginx"].action == "reload"
+    assert rows["postgres"].action == "nothing"
+    assert rows["grafana"].action == "nothing" and rows["grafana"].then.endswith("(HTTP 401)")
+    table = format_plan(list(rows.values())).splitlines()
+    assert table[0].split() == ["SERVICE", "RUNNING", "NOW", "REGISTRY", "NOW", "WOULD"]
+    assert table[1].split()[2] == "->"
