@@ -268,7 +268,7 @@ def test_render_task_validates_default_render(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
-    assert sum(line.startswith("wrote ") for line in lines) == 11
+    assert sum(line.startswith("wrote ") for line in lines) == 12
     for name in ("nginx -t", "gixy", "promtool check config", "promtool check rules",
                  "docker compose config", "systemd-analyze verify"):
         assert any(line.split() and line.split()[0] == "passed" and name in line
