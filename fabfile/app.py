@@ -9,10 +9,8 @@ the same from a laptop (``fab -H vps app.status``) and on the server
 
 from __future__ import annotations
 
-import getpass
 import json
 import shlex
-import socket
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,7 +23,7 @@ from .core import host_for, ops_task, settings_for
 from .errors import OpsError
 from .host import Host, sudo_wrap
 from .progress import step
-from .release import ROLLING, state_dir
+from .release import ROLLING, log_line, state_dir
 from .stack import compose
 from .stream import stream
 
@@ -409,7 +407,7 @@ def restart_service(host: Host, settings: Settings, service: str) -> str:
 
     timeout = int(settings.deploy.health_timeout_seconds)
     lock = deploy.DeployLock(host, settings, list(remote_files(settings)))
-    lock.acquire()
+    state = lock.acquire()
     try:
         containers = parse_containers(
             host.check(inspect_containers_cmd(settings), sudo=True).stdout.splitlines())
@@ -433,18 +431,17 @@ def restart_service(host: Host, settings: Settings, service: str) -> str:
                                    f"restart ({s.note or 'no status'}); see app.logs "
                                    f"--service {service}")
             how = "restarted"
-        lock.log(f"{datetime.now(UTC):%Y-%m-%dT%H:%M:%SZ} user={_who()} result=restart "
-                 f"service={service}")
+        lock.log(log_line(deploy.now(), deploy.local_user(), "restart", state.current, {},
+                          f"{service} {how}"))
         return how
     finally:
         lock.release()
 
 
 def _who() -> str:
-    try:
-        return f"{getpass.getuser()}@{socket.gethostname()}"
-    except Exception:  # pragma: no cover
-        return "unknown"
+    from .deploy import local_user
+
+    return local_user()
 
 
 @ops_task(positional=["service"], help={"service": "the service to restart"})

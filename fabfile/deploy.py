@@ -34,6 +34,7 @@ from .config import SERVICES, Settings
 from .core import host_for, ops_task, settings_for
 from .errors import OpsError
 from .host import Host, sha256, sudo_wrap, upload_if_changed
+from .progress import step
 from .release import (
     BUSY,
     ROLLING,
@@ -219,9 +220,11 @@ def converge(host: Host, settings: Settings, plan: Plan) -> list[str]:
         good = plan.good(service)
         if not good:
             host.say(f"{service}: starting the new container beside the old one")
-            r = host.run(scale_up_cmd(settings, service, len(running) + 1, timeout,
-                                      [c.id for c in plan.of(service)]),
-                         sudo=True, warn=True, timeout=timeout + 120)
+            with step(f"{service}: wait until the new container is healthy") as s:
+                r = host.run(scale_up_cmd(settings, service, len(running) + 1, timeout,
+                                          [c.id for c in plan.of(service)]),
+                             sudo=True, warn=True, timeout=timeout + 120)
+                s.failed = r.failed
             if r.failed:
                 status = " ".join(sections(r.stdout).get("status", [])) or "no status"
                 raise DeployFailed(f"the new {service} container did not become healthy "
@@ -258,6 +261,13 @@ def reload_changed(host: Host, settings: Settings, changed_rel, touched) -> None
 
 def health_gate(host: Host, settings: Settings, attempts: int = 5) -> list[str]:
     """[] when every service is healthy and the health URLs answer through nginx."""
+    with step("health gate") as s:
+        problems = _health_gate(host, settings, attempts)
+        s.failed = bool(problems)
+    return problems
+
+
+def _health_gate(host: Host, settings: Settings, attempts: int) -> list[str]:
     problems: list[str] = []
     for i in range(attempts):
         r = host.check(gate_script(settings), sudo=True, timeout=120)
@@ -271,7 +281,10 @@ def health_gate(host: Host, settings: Settings, attempts: int = 5) -> list[str]:
 
 def _plan(host: Host, settings: Settings, refs, pull: bool, http: bool = False):
     """(Pull,) read the stack's state and plan; returns (plan, raw output)."""
-    r = host.run(plan_script(settings, refs, pull, http), sudo=True, warn=True, timeout=1800)
+    with step("pull images" if pull else "read the stack's state") as s:
+        r = host.run(plan_script(settings, refs, pull, http), sudo=True, warn=True,
+                     timeout=1800)
+        s.failed = r.failed
     if r.failed:
         detail = (r.stderr or r.stdout).strip().splitlines()
         what = "docker compose pull" if pull else "reading the stack's state"

@@ -16,8 +16,11 @@ step lines is printed.
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from contextlib import contextmanager
+
+_ACTIVE: list[Step] = []
 
 
 def _is_tty(stream) -> bool:
@@ -37,6 +40,7 @@ class Step:
         self.start = time.monotonic()
         self.detail = ""
         self.note = ""  # shown in parentheses on the final line
+        self.failed = False  # set it when the step failed without raising
         self._shown = False
 
     @property
@@ -53,7 +57,25 @@ class Step:
         self.out.flush()
         self._shown = True
 
+    def _tick(self, stop: threading.Event) -> None:
+        while not stop.wait(1.0):
+            if _ACTIVE and _ACTIVE[-1] is self:  # nested steps: only the innermost ticks
+                self.update(self.detail)
+
+    def start_ticker(self) -> None:
+        """On a terminal, refresh the live line (elapsed seconds) every second."""
+        self._stop = threading.Event()
+        if self.live:
+            self._ticker = threading.Thread(target=self._tick, args=(self._stop,), daemon=True)
+            self._ticker.start()
+
     def finish(self, outcome: str, note: str = "") -> None:
+        stop = getattr(self, "_stop", None)
+        if stop is not None:
+            stop.set()
+            ticker = getattr(self, "_ticker", None)
+            if ticker is not None:
+                ticker.join(timeout=2)
         if self._shown:
             self.out.write("\r\033[K")
         line = f"{self.what}: {outcome} {self.elapsed:.1f}s"
@@ -68,12 +90,16 @@ def step(what: str, out=None):
     """Time a step; print ``WHAT: done in Ns`` or ``WHAT: failed after Ns``."""
     s = Step(what, out)
     s.update("...")
+    s.start_ticker()
+    _ACTIVE.append(s)
     try:
         yield s
     except BaseException:
         s.finish("failed after")
         raise
-    s.finish("done in", s.note)
+    finally:
+        _ACTIVE.remove(s)
+    s.finish("failed after" if s.failed else "done in", s.note)
 
 
 def human_bytes(n: float) -> str:

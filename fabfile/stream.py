@@ -33,10 +33,13 @@ def watched(command: str) -> str:
         "exec 3<&0",
         f"setsid bash -c {shlex.quote(command)} </dev/null & p=$!",
         # The watcher reads fd 3 (our stdin): a background job's own stdin is /dev/null.
-        "setsid bash -c 'cat >/dev/null; kill -TERM -- -\"$1\" 2>/dev/null' _ \"$p\" <&3 & w=$!",
+        # (its output goes nowhere: it must never hold our stdout/stderr open)
+        "setsid bash -c 'cat >/dev/null; kill -TERM -- -\"$1\" 2>/dev/null || "
+        "kill -TERM \"$1\"' _ \"$p\" <&3 >/dev/null 2>&1 & w=$!",
         "exec 3<&-",
         'wait "$p"; rc=$?',
-        'kill -TERM -- -"$w" 2>/dev/null',
+        # (before its setsid the watcher has no process group of its own yet)
+        'kill -TERM -- -"$w" 2>/dev/null || kill -TERM "$w" 2>/dev/null',
         'exit "$rc"',
     ])
 

@@ -293,6 +293,10 @@ def test_restart_backend_replaces_it_beside_the_old_without_a_failed_request(sta
         time.sleep(1)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "backend: replace beside the old container: done in" in proc.stdout
+    # progress: one line per step with its elapsed time, no live line off a terminal
+    assert re.search(r"^backend: wait until the new container is healthy: done in [0-9.]+s$",
+                     proc.stdout, re.M)
+    assert "\r" not in proc.stdout and "\033[" not in proc.stdout
     assert loop.failures == [], loop.failures[:5]
     after = container_ids("backend")
     assert len(after) == 1 and after != before
@@ -357,3 +361,11 @@ def test_doctor_finds_a_published_port_a_stale_lock_and_a_bad_env_mode(stack):
     after = {c["check"]: c for c in as_json(fab(stack, "doctor", "--json"))["checks"]}
     assert leak not in after["published ports"]["detail"]
     assert after[".env"]["status"] == "ok" and after["deploy lock"]["status"] == "ok"
+
+
+def test_backup_prints_one_progress_line_per_step(stack):
+    proc = inv(stack, "backup.postgres", "--no-offsite")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert re.search(r"^postgres backup: dump, verify, manifest: done in [0-9.]+s$",
+                     proc.stdout, re.M), proc.stdout
+    assert "\r" not in proc.stdout

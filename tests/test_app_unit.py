@@ -250,3 +250,17 @@ def test_plan_rows_say_what_would_happen_to_each_service():
     table = format_plan(list(rows.values())).splitlines()
     assert table[0].split() == ["SERVICE", "RUNNING", "NOW", "REGISTRY", "NOW", "WOULD"]
     assert table[1].split()[2] == "->"
+
+
+def test_progress_on_a_terminal_shows_a_live_line_then_the_step_line():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    out = Terminal()
+    with progress.step("health gate", out=out) as s:
+        s.update("2 of 8 healthy")
+        s.failed = True
+    text = out.getvalue()
+    assert "\r\033[Khealth gate: 2 of 8 healthy (0s)" in text
+    assert text.endswith("\r\033[Khealth gate: failed after 0.0s\n")
