@@ -266,6 +266,11 @@ def test_maintenance_on_answers_503_but_health_acme_and_grafana_keep_working(sta
         assert rows["frontend"]["status"] == "ok"  # our checks see the real site
         st = as_json(inv(stack, "app.status", "--json"))
         assert "db migration" in st["maintenance"]
+        # A deploy checks the real site behind the page and does not leave it on silently.
+        dep = fab(stack, "deploy")
+        assert dep.returncode == 0, dep.stdout + dep.stderr
+        assert "note: maintenance mode is still ON" in dep.stdout
+        assert curl(https, SITE, "/")[0] == 503
     finally:
         off = inv(stack, "app.maintenance-off")
     assert off.returncode == 0, off.stdout + off.stderr
