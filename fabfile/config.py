@@ -152,7 +152,9 @@ DEFAULTS: dict[str, Any] = {
         "backend_deep_path": "/health/deep",
         "frontend_path": "/",
     },
-    "deploy": {"keep_releases": 3, "health_timeout_seconds": 120},
+    # lock_wait_seconds: how long a deploy (or restore, provision...) waits for running
+    # backups to finish before it gives up.
+    "deploy": {"keep_releases": 3, "health_timeout_seconds": 120, "lock_wait_seconds": 600},
     # What `provision` sets up on a fresh server (fabfile/provision.py).
     "provision": {
         # Port sshd listens on: ufw rate-limits it and keeps it open.
@@ -511,6 +513,8 @@ def validate(data: Mapping) -> None:
     _check(data, "deploy.keep_releases", lambda v: _is_int(v, 1, 100), "an integer >= 1")
     _check(data, "deploy.health_timeout_seconds", lambda v: _is_int(v, 5, 3600),
            "a number of seconds 5-3600")
+    _check(data, "deploy.lock_wait_seconds", lambda v: _is_int(v, 0, 86400),
+           "a number of seconds 0-86400")
     _check(data, "provision.ssh_port", lambda v: _is_int(v, 1, 65535), "a port number 1-65535")
     _check(data, "provision.pip_options", lambda v: isinstance(v, str)
            and re.match(r"^[A-Za-z0-9 ._/:=+,@-]*$", v),

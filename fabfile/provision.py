@@ -479,11 +479,13 @@ def provision_host(host: Host, settings: Settings) -> Report:
 # --- task ------------------------------------------------------------------------------
 
 from .core import host_for, ops_task, settings_for  # noqa: E402
+from .lock import locked  # noqa: E402
 
 
 @ops_task(default=True, help={
     "dry_run": "show what would change (commands and files), change nothing",
 })
+@locked("provision")
 def provision(c, dry_run=False):
     """Prepare a fresh Debian/Ubuntu server for the stack; safe to run again.
 
