@@ -172,15 +172,33 @@ def stack_lock_script(d: str, token: str, info: str, task: str, wait: int,
         "flock -n -x 8 || { echo '== waiting-step'; flock -x 8; }",
         'printf \'%s\\n\' "$T" > "$D/lock.token"',
         "echo '== journal'; tail -n 300 \"$D/journal\" 2>/dev/null",
+        # Keep the journal small: the last 2000 lines once it passes 5000.
+        'if [ "$(wc -l < "$D/journal" 2>/dev/null || echo 0)" -gt 5000 ]; then',
+        '  tail -n 2000 "$D/journal" > "$D/journal.tmp" && mv -f "$D/journal.tmp" "$D/journal"',
+        "fi",
         f"printf '%s %s started task=%s by=%s\\n' \"{_NOW}\" {t8} {shlex.quote(task)} "
         f"{shlex.quote(by or info)} >> \"$D/journal\"",
         "flock -u 8; exec 8>&-",
         "echo '== locked'",
         report,
-        *_hold_tail(),
-        f"printf '%s pid %s %s\\n' {shlex.quote(info)} \"$$\" \"$c\" > \"$D/lock.owner\"",
+        # A keeper holds the lock too, for as long as the task's connection (the first
+        # ancestor that is not a shell or sudo: sshd, or the local inv process) lives:
+        # killing this shell (the first pid in lock.owner) does not free the lock.
+        "W=$PPID",
+        'while [ "$W" -gt 1 ]; do',
+        '  case "$(cat "/proc/$W/comm" 2>/dev/null)" in',
+        "    bash|sh|dash|sudo) W=$(sed -E 's/.*\\) [A-Za-z] ([0-9]+) .*/\\1/' "
+        '"/proc/$W/stat");;',
+        "    *) break;;",
+        "  esac",
+        "done",
+        '( while [ -d "/proc/$W" ]; do sleep 1 9>&-; done ) </dev/null >/dev/null 2>&1 7>&- 8>&- &',
+        "k=$!",
+        f"printf '%s pid %s %s\\n' {shlex.quote(info)} \"$$\" \"$k\" > \"$D/lock.owner\"",
         "echo '== ready'",
-        'wait "$c"',
+        # Hold the lock until our stdin closes (end of the task or lost connection).
+        "cat >/dev/null 9>&-",
+        'kill "$k" 2>/dev/null',
         '[ "$(cat "$D/lock.token" 2>/dev/null)" = "$T" ] && rm -f "$D/lock.token" '
         '"$D/lock.owner"',
         "true",
@@ -464,6 +482,7 @@ class StackLock:
         self.previous: JournalEntry | None = None
         self.lost: LockLost | None = None
         self.report_text = ""
+        self.finished = False
 
     # -- taking and giving back ---------------------------------------------------------
 
@@ -565,6 +584,7 @@ class StackLock:
         cmd = journal_line_cmd(self.dir, self.token, "finished", f"result={result}")
         self.host.run(f"{extra}\n{cmd}" if extra else cmd, sudo=True)
         self.label = label
+        self.finished = True
 
 
 @contextmanager
@@ -599,6 +619,17 @@ def stack_lock(host: Host, settings: Settings, task: str, *, report: str = "",
         object.__setattr__(context, "_maicivy_guard", lock)
     try:
         yield lock
+        if not lock.finished and lock.lost is None:
+            lock.finish("ok")
+    except LockLost:
+        raise
+    except BaseException:
+        if not lock.finished and lock.lost is None:
+            try:  # the task failed but ended: the journal says so
+                lock.finish("failed")
+            except Exception:  # keep the task's own error
+                pass
+        raise
     finally:
         host.guard = None
         if context is not None:
@@ -621,21 +652,8 @@ def locked(task: str):
 
             settings = settings_for(c)
             host = host_for(c, settings)
-            with stack_lock(host, settings, task, context=c) as lock:
-                try:
-                    result = fn(c, *args, **kwargs)
-                except LockLost:
-                    raise
-                except BaseException:
-                    if lock is not None:
-                        try:
-                            lock.finish("failed")
-                        except Exception:  # keep the task's own error
-                            pass
-                    raise
-                if lock is not None:
-                    lock.finish("ok")
-                return result
+            with stack_lock(host, settings, task, context=c):
+                return fn(c, *args, **kwargs)
 
         return wrapper
 

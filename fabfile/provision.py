@@ -25,7 +25,7 @@ import yaml
 
 from .config import PROJECT_ROOT, Settings
 from .errors import OpsError
-from .host import Host, upload_if_changed
+from .host import Host, last_lines, upload_if_changed
 from .release import sections, state_dir
 from .stack import fill_env, parse_env, remote_files, unset_secrets
 
@@ -343,9 +343,8 @@ def step_packages(host: Host, facts: Facts, report: Report) -> None:
         return
     r = host.run(cmd, sudo=True, warn=True, timeout=1800)
     if r.failed:
-        detail = (r.stderr or r.stdout).strip().splitlines()
         raise OpsError(f"{host.name}: apt-get install {' '.join(missing)} failed: "
-                       f"{detail[-1] if detail else 'no output'}")
+                       f"{last_lines(r.stderr, r.stdout)}")
     report.changed(f"installed packages {', '.join(missing)}")
 
 
@@ -434,8 +433,7 @@ def step_ufw(host: Host, settings: Settings, facts: Facts, report: Report) -> No
         return
     r = host.run(" && ".join(ufw_commands(port)), sudo=True, warn=True, timeout=120)
     if r.failed:
-        detail = (r.stderr or r.stdout).strip().splitlines()
-        report.problem(f"ufw: {detail[-1] if detail else 'failed'}")
+        report.problem(f"ufw: {last_lines(r.stderr, r.stdout)}")
         return
     report.changed(f"ufw enabled: {port}/tcp rate-limited, 80 and 443 allowed, rest denied")
 

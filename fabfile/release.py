@@ -191,7 +191,8 @@ def parse_state(text: str) -> ServerState:
     sec = sections(text)
     state = ServerState()
     if "busy" in sec:
-        state.busy = " ".join(sec["busy"]).strip() or "another deploy (owner unknown)"
+        busy = re.sub(r" pid \d+( \d+)?$", "", " ".join(sec["busy"]).strip())
+        state.busy = busy or "another deploy (owner unknown)"
     for line in sec.get("hashes", []):
         digest, _, name = line.partition("  ")
         if name:

@@ -6,6 +6,7 @@ import sys
 import traceback
 
 import app
+import standin
 from standin import METRICS, env_port, serve
 
 _dispatch = app.Backend.dispatch
@@ -26,7 +27,17 @@ def dispatch(self, method, path, query, body):
     return _dispatch(self, method, path, query, body)
 
 
+def handle_error(self, request, client_address):
+    """Quiet about clients that hang up (wget --spider on a 500): keep the logs to the
+    application's own traceback."""
+    if isinstance(sys.exc_info()[1], ConnectionError):
+        return
+    _handle_error(self, request, client_address)
+
+
 app.Backend.dispatch = dispatch
+_handle_error = standin.Server.handle_error
+standin.Server.handle_error = handle_error
 
 if __name__ == "__main__":
     METRICS.counter("maicivy_visitors_total", app.VISITORS_HELP, by=0)
