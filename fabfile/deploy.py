@@ -381,6 +381,7 @@ def _deploy_locked(host: Host, settings: Settings, files, state: ServerState,
             raise DeployFailed("health gate: " + "; ".join(problems))
     except DeployFailed as exc:
         reason = str(exc)
+        lock.verify("roll back")  # still ours? (another task may be why it failed)
         if not exc.diagnosed:
             say_diagnoses(host, diagnose(host, settings))
         host.say(f"{host.name}: deploy failed ({reason}); rolling back")

@@ -570,6 +570,18 @@ class StackLock:
             raise self.lost
         self.check_alive()
 
+    def verify(self, label: str) -> None:
+        """Raise LostLock/LostConnection unless the lock is still ours (one round trip).
+
+        For decisions made from read-only checks (a failed health gate): they mean
+        nothing if another task took over meanwhile.
+        """
+        previous, self.label = self.label, label
+        try:
+            self.host.run("true", sudo=True)
+        finally:
+            self.label = previous
+
     def _journal_lost(self) -> None:
         try:
             self.host._invoke(journal_line_cmd(self.dir, self.token, "lost-lock",
