@@ -522,7 +522,9 @@ def rollback(c):
 
 # --- history ---------------------------------------------------------------------------
 
-_LOG = re.compile(r"^(\S+) user=(\S+) result=(\S+) release=(\S+) images=(\S+)(?: detail=(.*))?$")
+_LOG = re.compile(r"^(\S+) user=(\S+) result=(\S+) release=(\S+) images=(\S+)"
+                  r'(?: detail=("(?:[^"\\]|\\.)*"))?'
+                  r"(?: server_user=(\S+) sudo_user=(\S+) ssh_from=(\S+))?$")
 
 
 def parse_log_line(line: str) -> dict | None:
@@ -544,7 +546,10 @@ def parse_log_line(line: str) -> dict | None:
             detail = m.group(6)
     release = m.group(4)
     return {"time": m.group(1), "user": m.group(2), "result": m.group(3),
-            "release": "" if release == "-" else release, "images": images, "detail": detail}
+            "release": "" if release == "-" else release, "images": images, "detail": detail,
+            # What the server saw (fabfile/audit.py), when the line has it.
+            "server_user": m.group(7) or "", "sudo_user": m.group(8) or "",
+            "ssh_from": m.group(9) or ""}
 
 
 def _tag(ref: str) -> str:
@@ -569,19 +574,16 @@ def history_table(entries: list[dict]) -> str:
 
 @ops_task(help={"lines": "how many of the latest entries to show (default 20)",
                 "json_": "print a JSON list (every image reference and ID) instead"})
-def history(c, lines="20", json_=False):
+def history(c, lines=20, json_=False):
     """Show the deploy log: time, result, release, user and image tags of each deploy.
 
     A table by default; --json prints every entry with all images (reference
     and ID) and the failure detail, for scripts.
     """
     settings = settings_for(c)
-    try:
-        count = int(lines)
-        if count < 1:
-            raise ValueError
-    except (TypeError, ValueError):
-        raise ConfigError(f"--lines must be a positive whole number (got {lines!r})") from None
+    count = int(lines)  # a value that is not a number was refused by ops_task
+    if count < 1:
+        raise ConfigError(f"--lines must be a whole number >= 1 (got {lines!r})")
     host = host_for(c, settings)
     log = f"{state_dir(settings)}/deploy.log"
     r = host.check(f"tail -n {count} {shlex.quote(log)}", sudo=True)

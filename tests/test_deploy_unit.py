@@ -239,6 +239,12 @@ def test_history_table_and_json_entries_from_the_log():
     assert e["images"]["backend"] == {"ref": "r/maicivy/backend:sha-1", "id": "a" * 12}
     assert e["detail"] == "health gate: backend: unhealthy"
     assert parse_log_line("garbage") is None
+    signed = parse_log_line(line + " server_user=root sudo_user=- ssh_from=10.0.0.9:5022")
+    assert signed["detail"] == "health gate: backend: unhealthy"
+    assert (signed["server_user"], signed["ssh_from"]) == ("root", "10.0.0.9:5022")
+    plain = parse_log_line("2026-11-29T10:00:00Z user=a@b result=unchanged release=- "
+                           "images=- server_user=root sudo_user=bob ssh_from=-")
+    assert plain["sudo_user"] == "bob" and plain["images"] == {} and plain["release"] == ""
     table = history_table([e]).splitlines()
     assert table[0].split() == ["TIME", "RESULT", "RELEASE", "USER", "BACKEND", "FRONTEND",
                                 "DETAIL"]
