@@ -6,7 +6,7 @@
 exactly as on the real server; ``inv sandbox.down`` throws it away.
 
 It needs Docker on this machine and an image: by default one built here
-from ``files/sandbox/Dockerfile`` (Debian 13 from Docker Hub), or any image
+from ``sandbox/Dockerfile`` (Debian 13 from Docker Hub), or any image
 that boots ``/lib/systemd/systemd`` (the test rig builds its own with
 mmdebstrap). The Docker engine of the sandbox lives in a volume of its own.
 
@@ -28,7 +28,7 @@ from .errors import OpsError
 
 DEFAULT_NAME = "maicivy-sandbox"
 DEFAULT_IMAGE = "maicivy-sandbox:trixie"
-DOCKERFILE_DIR = PROJECT_ROOT / "files" / "sandbox"
+DOCKERFILE_DIR = PROJECT_ROOT / "sandbox"
 LABEL = "org.maicivy.sandbox"
 APT_REPO_MOUNT = "/srv/maicivy-apt"
 WHEELHOUSE_MOUNT = "/opt/wheels"
@@ -304,7 +304,7 @@ def _pubkey(path: str) -> str:
 @task(auto_shortflags=False, help={
     "name": f"container name (default {DEFAULT_NAME})",
     "image": "an image that boots /lib/systemd/systemd (default: built from "
-             "files/sandbox/Dockerfile)",
+             "sandbox/Dockerfile)",
     "key": "public key root accepts (default ~/.ssh/id_ed25519.pub, id_ecdsa.pub, id_rsa.pub)",
     "ssh_port": "SSH port on 127.0.0.1 (default: a free one)",
     "https_port": "port of the sandbox's 443 on 127.0.0.1 (default: a free one)",
