@@ -131,20 +131,24 @@ def known_hosts_line(port: int, host_key: str) -> str:
     return f"[127.0.0.1]:{port} {' '.join(host_key.split()[:2])}"
 
 
-def instructions(box: Sandbox, config_hint: str = "maicivy.yaml") -> str:
-    """What ``sandbox.up`` prints: trust the key, then the fab lines."""
+def instructions(box: Sandbox) -> str:
+    """What ``sandbox.up`` prints: the key to trust, then the fab lines."""
+    t = box.target
     return "\n".join([
-        f"sandbox {box.name} is up: a fresh Debian server, systemd as PID 1.",
-        "Trust its host key (add this line to ~/.ssh/known_hosts):",
-        f"  {box.known_hosts_line}",
-        f"Then, with your settings in {config_hint} (publish.https: {box.https_port} is not",
-        "needed: the sandbox's 80/443 are published on 127.0.0.1 below):",
-        f"  fab -H {box.target} provision",
-        f"  fab -H {box.target} deploy",
-        f"  fab -H {box.target} health.check",
-        f"Site: https://127.0.0.1:{box.https_port}/ (HTTP {box.http_port}); "
-        f"ssh -p {box.ssh_port} root@127.0.0.1",
-        f"Throw it away: inv sandbox.down --name {box.name}",
+        f"sandbox {box.name} is up: a fresh Debian server (systemd, sshd, cron, ufw).",
+        "1. Trust its host key: add this line to ~/.ssh/known_hosts",
+        f"   {box.known_hosts_line}",
+        "2. Rehearse, with your settings (maicivy.yaml):",
+        f"   fab -H {t} provision",
+        f"   fab -H {t} deploy",
+        f"   fab -H {t} health.check",
+        f"   fab -H {t} backup.all",
+        f"   fab -H {t} restore.postgres --yes",
+        "   (ssl.obtain needs public DNS: the sandbox keeps the temporary certificate)",
+        f"3. The site: curl -k --resolve DOMAIN:{box.https_port}:127.0.0.1 "
+        f"https://DOMAIN:{box.https_port}/health",
+        f"   a shell: ssh -p {box.ssh_port} root@127.0.0.1",
+        f"4. Throw it away: inv sandbox.down --name {box.name}",
     ])
 
 

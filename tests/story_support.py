@@ -46,6 +46,9 @@ IMAGES = {
     "grafana": ("grafana", "test"), "node_exporter": ("node-exporter", "test"),
 }
 EXTRA_IMAGES = [("backend", "v2"), ("frontend", "v2")]
+SERVER_ROOT = "/opt/maicivy"
+COMPOSE = (f"docker compose -p maicivy -f {SERVER_ROOT}/docker/docker-compose.prod.yml "
+           f"--env-file {SERVER_ROOT}/.env")
 
 
 def docker(*args: str, check: bool = True, timeout: float = 600, **kw
@@ -257,6 +260,34 @@ class World:
             raise AssertionError(f"{script[:200]}: exit {proc.returncode}: "
                                  f"{proc.stderr[-2000:]}{proc.stdout[-2000:]}")
         return proc
+
+    def https(self, path: str = "/health", timeout: float = 5.0) -> tuple[int, bytes]:
+        from deploy_support import get
+
+        return get(DOMAIN, self.box.https_port, path, timeout=timeout)
+
+    def wait_healthy(self, timeout: float = 240) -> float:
+        """Wait until /health answers over HTTPS and all 8 services are healthy;
+        return the seconds it took."""
+        import ssl
+
+        t0 = time.monotonic()
+        deadline = t0 + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            try:
+                status, _ = self.https()
+                states = [s for s in self.sh(f"{COMPOSE} ps --format '{{{{.Service}}}} "
+                                             "{{.Health}}'", check=False).stdout.split("\n")
+                          if s.strip()]
+                if status == 200 and len(states) == 8 and all(
+                        s.endswith(" healthy") for s in states):
+                    return time.monotonic() - t0
+                last = f"HTTP {status}; {states}"
+            except (OSError, ssl.SSLError) as exc:
+                last = repr(exc)
+            time.sleep(1)
+        raise AssertionError(f"stack not healthy within {timeout}s: {last}")
 
     def reboot(self) -> None:
         self.box = sandbox.reboot(self.box.name)

@@ -14,19 +14,17 @@ from __future__ import annotations
 import json
 import re
 import shlex
-import ssl
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from deploy_support import ClientLoop, get
+from deploy_support import ClientLoop
 from ssl_support import served_certificate
 from story_support import DOMAIN, REGISTRY_NAME, World, image_ready
 
 pytestmark = pytest.mark.rig
 
 ROOT = "/opt/maicivy"
-COMPOSE = (f"docker compose -p maicivy -f {ROOT}/docker/docker-compose.prod.yml "
-           f"--env-file {ROOT}/.env")
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +48,7 @@ def ok(proc, *expect: str) -> str:
 
 
 def https(world: World, path: str = "/health", timeout: float = 5.0):
-    return get(DOMAIN, world.box.https_port, path, timeout=timeout)
+    return world.https(path, timeout=timeout)
 
 
 def container(world: World, service: str) -> str:
@@ -63,25 +61,6 @@ def container(world: World, service: str) -> str:
 def in_service(world: World, service: str, command: str, check: bool = True):
     return world.sh(f"docker exec {container(world, service)} sh -c {shlex.quote(command)}",
                     check=check)
-
-
-def wait_healthy(world: World, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    last = ""
-    while time.monotonic() < deadline:
-        try:
-            status, body = https(world)
-            states = world.sh(f"{COMPOSE} ps --format '{{{{.Service}}}} {{{{.Health}}}}'",
-                              check=False).stdout.split("\n")
-            states = [s for s in states if s.strip()]
-            if status == 200 and len(states) == 8 and all(s.endswith(" healthy")
-                                                          for s in states):
-                return
-            last = f"HTTP {status}; {states}"
-        except (OSError, ssl.SSLError) as exc:
-            last = repr(exc)
-        time.sleep(2)
-    raise AssertionError(f"stack not healthy within {timeout}s: {last}")
 
 
 # --- the story ----------------------------------------------------------------------------
@@ -131,15 +110,16 @@ def test_04_health_check_passes(world):
 
 
 def test_05_changed_nginx_setting_and_alert_threshold_are_in_effect(world):
-    world.write_settings(rate_limit={"per_minute": 60, "burst": 2},
+    world.write_settings(rate_limit={"per_minute": 600, "burst": 5},
                          alerts={"cpu_used_percent": 77})
     ok(world.fab("deploy"))
     # What nginx runs, not what was uploaded.
     running = in_service(world, "nginx", "nginx -T 2>/dev/null").stdout
-    assert "rate=60r/m" in running and "burst=2 " in running, running[-2000:]
-    # Behaviour: a quick burst from one client is cut at the new burst size.
-    codes = [get(DOMAIN, world.box.https_port, "/api/echo")[0] for _ in range(12)]
-    assert codes.count(429) >= 6, codes
+    assert "rate=600r/m" in running and "burst=5 " in running, running[-2000:]
+    # Behaviour: 20 requests at once from one client: about burst + 1 pass, the rest 429.
+    with ThreadPoolExecutor(20) as pool:
+        codes = list(pool.map(lambda _: https(world, "/api/echo")[0], range(20)))
+    assert codes.count(429) >= 10 and codes.count(200) >= 5, codes
     # Prometheus evaluates the new threshold.
     rules = json.loads(in_service(world, "prometheus",
                                   "wget -qO- http://127.0.0.1:9090/api/v1/rules").stdout)
@@ -205,11 +185,11 @@ def test_09_a_burst_of_ten_fab_runs_is_not_locked_out_by_the_firewall(world):
 
 
 def test_10_reboot_the_systemd_unit_brings_the_stack_back(world):
-    world.reboot()
-    assert world.sh("systemctl is-enabled maicivy.service").stdout.strip() == "enabled"
-    wait_healthy(world)
-    assert world.sh("systemctl is-active maicivy.service", check=False).stdout.strip() \
-        in ("active", "activating")
+    world.reboot()  # systemd shuts down (the unit's ExecStop: compose stop), then boots
+    world.wait_healthy()
+    # Stopped containers are not restarted by Docker's policy: the unit started them.
+    unit = world.sh("systemctl show maicivy.service -p ActiveState -p Result").stdout
+    assert "ActiveState=active" in unit and "Result=success" in unit, unit
     ok(world.fab("health.check"))
 
 
