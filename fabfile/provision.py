@@ -23,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+from .audit import SSH_CONNECTION_SH
 from .config import PROJECT_ROOT, Settings
 from .errors import OpsError
 from .host import Host, upload_if_changed
@@ -479,9 +480,9 @@ def step_ufw(host: Host, settings: Settings, facts: Facts, report: Report) -> No
 def provision_host(host: Host, settings: Settings) -> Report:
     report = Report(host)
     host.say(f"provision {host.name}:")
-    # Before anything changes: would the firewall cut us off? (Not under sudo,
-    # which drops SSH_CONNECTION from the environment.)
-    session = host.check('printf "%s" "${SSH_CONNECTION:-}"').stdout
+    # Before anything changes: would the firewall cut us off? (Also right for
+    # `sudo inv provision` in an SSH session: sudo drops SSH_CONNECTION.)
+    session = host.check(SSH_CONNECTION_SH + '\nprintf "%s" "$who_ssh"').stdout
     lockout = ssh_port_lockout(session, settings.provision.ssh_port)
     if lockout:
         raise OpsError(f"{host.name}: {lockout}")

@@ -133,6 +133,15 @@ def test_wrong_ssh_key_is_one_line(ssh_host, tmp_path):
     one_error_line(proc, 3, "cannot log in to", "key")
 
 
+def test_missing_key_file_is_one_line(ssh_host, tmp_path):
+    """A local path that does not exist (OSError in paramiko): one line, exit 1."""
+    argv = ["fab", "-r", str(ROOT), "-H", f"{ssh_host.user}@{ssh_host.host}:{ssh_host.port}",
+            "-i", str(tmp_path / "no-such-key"), "deploy.history"]
+    proc = cli(argv, {"MAICIVY_KNOWN_HOSTS": f"[{ssh_host.known_hosts}]",
+                      "SSH_AUTH_SOCK": "", "HOME": str(tmp_path)})
+    one_error_line(proc, 1, f"{tmp_path / 'no-such-key'}: No such file or directory")
+
+
 def test_nothing_listening_is_one_line(ssh_host, tmp_path):
     from conftest import free_port
 
