@@ -14,13 +14,15 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from deploy_support import ClientLoop
 from ssl_support import served_certificate
-from story_support import DOMAIN, REGISTRY_NAME, World, image_ready
+from story_support import DOMAIN, IMAGE, REGISTRY_NAME, World, image_ready
 
 pytestmark = pytest.mark.rig
 
@@ -64,6 +66,40 @@ def in_service(world: World, service: str, command: str, check: bool = True):
 
 
 # --- the story ----------------------------------------------------------------------------
+
+
+def test_00_sandbox_up_prints_the_key_to_trust_and_down_removes_it(ssh_host, tmp_path):
+    """The CLI a user types: the printed known_hosts line lets ssh in, strictly."""
+    missing = image_ready()
+    if missing:
+        pytest.fail(f"{missing}: run tests/install-deps.sh")
+    name = f"maicivy-sandbox-test-{tmp_path.name[-8:]}"
+    inv = ["inv", "-r", str(Path(__file__).resolve().parent.parent)]
+    up = subprocess.run([*inv, "sandbox.up", "--name", name, "--image", IMAGE,
+                         "--key", str(ssh_host.client_key.with_suffix(".pub"))],
+                        capture_output=True, text=True, timeout=300)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        line = next(x.strip() for x in up.stdout.splitlines() if x.strip().startswith("[127."))
+        target = re.search(r"fab -H (root@127\.0\.0\.1:(\d+)) provision", up.stdout)
+        assert target, up.stdout
+        known = tmp_path / "known_hosts"
+        known.write_text(line + "\n")
+        ssh = subprocess.run(
+            ["ssh", "-p", target.group(2), "-i", str(ssh_host.client_key), "-o", "BatchMode=yes",
+             "-o", f"UserKnownHostsFile={known}", "-o", "StrictHostKeyChecking=yes",
+             "root@127.0.0.1", "cat /proc/1/comm; systemctl is-system-running"],
+            capture_output=True, text=True, timeout=60)
+        assert ssh.stdout.split() == ["systemd", "running"], ssh.stdout + ssh.stderr
+    finally:
+        down = subprocess.run([*inv, "sandbox.down", "--name", name], capture_output=True,
+                              text=True, timeout=300)
+    assert down.returncode == 0 and f"sandbox {name} removed" in down.stdout, down.stderr
+    gone = subprocess.run(["docker", "ps", "-a", "-q", "--filter", f"name=^{name}$"],
+                          capture_output=True, text=True).stdout.strip()
+    volume = subprocess.run(["docker", "volume", "ls", "-q", "--filter", f"name={name}-docker"],
+                            capture_output=True, text=True).stdout.strip()
+    assert gone == "" and volume == ""
 
 
 def test_01_provision_a_fresh_server_twice(world):
