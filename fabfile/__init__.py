@@ -6,7 +6,7 @@
 
 from invoke import Collection
 
-from . import app, backup, deploy, doctor, health, monitoring, provision, restore, ssl
+from . import app, backup, deploy, doctor, health, monitoring, provision, restore, sandbox, ssl
 from . import render as _render
 
 ns = Collection()
@@ -20,5 +20,6 @@ ns.add_collection(Collection.from_module(monitoring), name="monitoring")
 ns.add_collection(Collection.from_module(backup), name="backup")
 ns.add_collection(Collection.from_module(restore), name="restore")
 ns.add_collection(Collection.from_module(app), name="app")
+ns.add_collection(Collection.from_module(sandbox), name="sandbox")
 
 __all__ = ["ns"]

@@ -49,14 +49,11 @@ def maintenance_flag(settings: Settings) -> str:
 
 
 def lock_lines(settings: Settings) -> list[str]:
-    """``@@lock <owner>`` when a deploy holds the lock (owner file read defensively)."""
-    d = shlex.quote(state_dir(settings))
-    return [
-        f"if [ -e {d}/lock ] && ! flock -n {d}/lock true 2>/dev/null; then",
-        f"  echo \"@@lock $(head -c 300 {d}/lock.owner 2>/dev/null | head -n 1 | tr -cd "
-        "'[:print:]')\"",
-        "fi",
-    ]
+    """``@@lock`` lines: the lock module's read-only report of who holds the stack lock."""
+    from .lock import holder_read_script, lock_dir
+
+    return [f"( {holder_read_script(lock_dir(settings))}\n) 2>/dev/null | "
+            "head -c 2000 | tr -cd '[:print:]\\n' | sed 's/^/@@lock /'"]
 
 
 def status_script(settings: Settings) -> str:
@@ -137,6 +134,7 @@ def parse_status(text: str, host_name: str) -> StackStatus:
     digests: dict[str, str] = {}
     rows: list[list[str]] = []
     status = StackStatus(host_name, [])
+    lock_text: list[str] = []
     for line in text.splitlines():
         if line.startswith("@@now "):
             now = float(line.split()[1])
@@ -149,10 +147,17 @@ def parse_status(text: str, host_name: str) -> StackStatus:
             digests[image_id] = repo_digests.split(",")[0] if repo_digests else ""
         elif line.startswith("@@release "):
             status.release = line[len("@@release "):].strip()
-        elif line.startswith("@@lock"):
-            status.lock = line[len("@@lock"):].strip() or "held (owner unknown)"
+        elif line.startswith("@@lock "):
+            lock_text.append(line[len("@@lock "):])
         elif line.startswith("@@maintenance"):
             status.maintenance = line[len("@@maintenance"):].strip() or "on"
+    if lock_text:
+        from .lock import parse_holder
+
+        holder = parse_holder("\n".join(lock_text))
+        if holder is not None:
+            status.lock = (str(holder) if holder.mode == "exclusive"
+                           else f"backups (shared): {holder}")
     for service in SERVICES:
         mine = [r for r in rows if r[0] == service]
         # The best container counts (two during a rolling replace).
@@ -402,13 +407,13 @@ def wait_healthy_cmd(settings: Settings, service: str, timeout: int) -> str:
 def restart_service(host: Host, settings: Settings, service: str) -> str:
     """Restart one service and wait for it to be healthy; returns how it was done."""
     from . import deploy
-    from .release import Plan, inspect_containers_cmd, parse_containers
-    from .stack import remote_files
+    from .lock import stack_lock
+    from .release import Plan, inspect_containers_cmd, log_append, parse_containers, sections
 
     timeout = int(settings.deploy.health_timeout_seconds)
-    lock = deploy.DeployLock(host, settings, list(remote_files(settings)))
-    state = lock.acquire()
-    try:
+    current = f"echo '== current'; cat {shlex.quote(state_dir(settings))}/current 2>/dev/null"
+    with stack_lock(host, settings, f"app.restart {service}", report=current) as lock:
+        release = " ".join(sections(lock.report_text).get("current", [])).strip()
         containers = parse_containers(
             host.check(inspect_containers_cmd(settings), sudo=True).stdout.splitlines())
         running = [x for x in containers if x.service == service and x.running]
@@ -421,9 +426,10 @@ def restart_service(host: Host, settings: Settings, service: str) -> str:
             how = "replaced beside the old container (no downtime)"
         else:
             with step(f"{service}: restart and wait until healthy") as s:
+                lock.step(f"{service}: restart")
                 host.run(compose(settings, "restart", service), sudo=True, timeout=timeout + 60)
-                r = host.run(wait_healthy_cmd(settings, service, timeout), sudo=True, warn=True,
-                             timeout=timeout + 60)
+                r = host.check(wait_healthy_cmd(settings, service, timeout), sudo=True,
+                               timeout=timeout + 60)
                 s.note = r.stdout.strip().splitlines()[-1:][0].removeprefix("== status ") \
                     if r.stdout.strip() else ""
                 if r.failed:
@@ -431,11 +437,9 @@ def restart_service(host: Host, settings: Settings, service: str) -> str:
                                    f"restart ({s.note or 'no status'}); see app.logs "
                                    f"--service {service}")
             how = "restarted"
-        lock.log(log_line(deploy.now(), deploy.local_user(), "restart", state.current, {},
-                          f"{service} {how}"))
+        lock.finish("restart", log_append(settings, log_line(
+            deploy.now(), deploy.local_user(), "restart", release, {}, f"{service} {how}")))
         return how
-    finally:
-        lock.release()
 
 
 def _who() -> str:

@@ -20,6 +20,7 @@ from invoke import Exit
 from .config import Settings
 from .core import host_for, ops_task, settings_for
 from .host import Host
+from .lock import holder_read_script, interrupted, lock_dir, parse_holder
 from .release import state_dir
 from .ssl import file_cert_command, parse_x509
 from .stack import GENERATED_SECRETS, cert_dir, tls_domains
@@ -93,13 +94,11 @@ def facts_script(settings: Settings) -> str:
         "continue; }; v=${v#*=}; v=${v%\\\"}; v=${v#\\\"}; "
         "case \"$v\" in ''|CHANGE_ME) echo \"@@unset $n\";; esac; done",
         "else echo '@@env missing'; fi",
-        f"if [ -e {d}/lock.owner ]; then",
-        f"  held=free; [ -e {d}/lock ] && ! flock -n {d}/lock true 2>/dev/null && held=held",
-        f"  echo \"@@lock $held $(stat -c %Y {d}/lock.owner) "
-        f"$(head -c 300 {d}/lock.owner | head -n 1 | tr -cd '[:print:]')\"",
-        f"elif [ -e {d}/lock ] && ! flock -n {d}/lock true 2>/dev/null; then",
-        "  echo '@@lock held 0 owner unknown'",
-        "fi",
+        f"( {holder_read_script(lock_dir(settings))}\n) 2>/dev/null | head -c 2000 | "
+        "tr -cd '[:print:]\\n' | sed 's/^/@@holder /'",
+        f"if [ -e {d}/lock.owner ]; then echo \"@@ownerfile $(stat -c %Y {d}/lock.owner) "
+        f"$(head -c 300 {d}/lock.owner | head -n 1 | tr -cd '[:print:]')\"; fi",
+        f"echo '@@journal'; tail -n 300 {d}/journal 2>/dev/null",
         "true",
     ]
     return "\n".join(lines)
@@ -107,7 +106,7 @@ def facts_script(settings: Settings) -> str:
 
 def parse_facts(text: str) -> dict:
     facts: dict = {"paths": [], "df": [], "inodes": [], "mem": {}, "dns": {}, "ports": [],
-                   "certs": {}, "backups": {}, "unset": []}
+                   "certs": {}, "backups": {}, "unset": [], "holder": [], "journal": []}
     section = None
     cert = None
     for line in text.splitlines():
@@ -134,8 +133,10 @@ def parse_facts(text: str) -> dict:
                 facts["backups"][parts[0]] = parts[1:]
             elif key == "unset":
                 facts["unset"].append(rest.strip())
-            elif key == "lock":
-                facts["lock"] = rest
+            elif key == "holder":
+                facts["holder"].append(rest)
+            elif key == "ownerfile":
+                facts["ownerfile"] = rest
             continue
         if section == "df" and line.strip():
             facts["df"].append(line.split())
@@ -149,6 +150,8 @@ def parse_facts(text: str) -> dict:
             facts["ports"].append(line)
         elif section == "cert" and cert:
             facts["certs"][cert].append(line)
+        elif section == "journal":
+            facts["journal"].append(line)
     return facts
 
 
@@ -375,22 +378,28 @@ def _since(owner: str) -> float | None:
 
 
 def lock_check(facts: dict, now: float) -> Check:
-    raw = facts.get("lock")
-    if not raw:
-        return Check("deploy lock", OK, "free")
-    state, _, rest = raw.partition(" ")
-    mtime, _, owner = rest.partition(" ")
-    owner = owner.strip() or "owner unknown"
-    since = _since(owner) or (float(mtime) if mtime.replace(".", "").isdigit()
-                              and float(mtime) > 0 else None)
-    age = f"{(now - since) / 3600:.1f} h" if since else "an unknown time"
-    if state == "held":
+    """The stack lock: held too long, an owner file left behind, an interrupted task."""
+    holder = parse_holder("\n".join(facts.get("holder", [])))
+    if holder is not None and holder.mode == "shared":
+        return Check("deploy lock", OK, f"backups running now ({holder})")
+    if holder is not None:
+        owner = str(holder)
+        since = _since(owner)
+        age = f"{(now - since) / 3600:.1f} h" if since else "an unknown time"
         if since is None or now - since > STALE_LOCK_SECONDS:
             return Check("deploy lock", WARN, f"held for {age} by {owner}",
-                         "if no deploy is running any more: deploy.unlock")
-        return Check("deploy lock", OK, f"a deploy is running now ({owner})")
-    return Check("deploy lock", WARN, f"free, but a stale owner file is left ({owner})",
-                 "a deploy was killed; deploy.unlock (or remove the lock.owner file)")
+                         "if that task is not running any more: deploy.unlock")
+        return Check("deploy lock", OK, f"a task holds it now ({owner})")
+    if facts.get("ownerfile"):
+        _, _, owner = facts["ownerfile"].partition(" ")
+        return Check("deploy lock", WARN, f"free, but an owner file is left ({owner.strip()})",
+                     "a task was killed; deploy.unlock (or remove the lock.owner file)")
+    stopped = interrupted(facts.get("journal", []))
+    if stopped is not None:
+        return Check("deploy lock", WARN, f"free; the last task did not finish: "
+                     f"{stopped.describe()}", "deploy --dry-run shows what the next deploy "
+                     "converges; deploy again")
+    return Check("deploy lock", OK, "free")
 
 
 def judge(settings: Settings, facts: dict, *, ssh: Check, sudo: Check,

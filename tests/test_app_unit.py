@@ -28,7 +28,7 @@ STATUS = """@@now 1000000
 @@i sha256:aaa|reg/backend@sha256:1111,
 @@i sha256:ccc|
 @@release 20260101T000000Z
-@@lock bob@laptop since 2026-01-01T00:00:00Z pid 42
+@@lock == exclusive deploy by bob@laptop since 2026-01-01T00:00:00Z pid 42 43
 @@maintenance since 2026-01-01T00:00:00Z by bob
 """
 
@@ -116,11 +116,20 @@ def test_doctor_env_mode_and_unset_secrets():
 def test_doctor_stale_lock():
     now = 1_800_000_000.0
     assert doctor.lock_check({}, now).status == doctor.OK
-    old = doctor.lock_check({"lock": "held 0 a@b since 2026-01-01T00:00:00Z pid 3"}, now)
-    assert old.status == doctor.WARN and "deploy.unlock" in old.fix
-    fresh = doctor.lock_check({"lock": f"held {now - 60:.0f} someone"}, now)
+    old = doctor.lock_check({"holder": ["== exclusive a@b since 2026-01-01T00:00:00Z pid 3 4"]},
+                            now)
+    assert old.status == doctor.WARN and "deploy.unlock" in old.fix and "a@b since" in old.detail
+    fresh = doctor.lock_check({"holder": ["== exclusive deploy by x since "
+                                          "2027-01-15T07:59:00Z pid 1 2"]}, now)
     assert fresh.status == doctor.OK
-    assert doctor.lock_check({"lock": f"free {now:.0f} x"}, now).status == doctor.WARN
+    assert doctor.lock_check({"holder": ["== shared backup.postgres by cron"]},
+                             now).status == doctor.OK
+    left = doctor.lock_check({"ownerfile": "1700000000 bob since T pid 1 2"}, now)
+    assert left.status == doctor.WARN and "bob" in left.detail
+    journal = ["2026-01-01T00:00:00.000Z abcdef12 started task=deploy by=eve@ci",
+               "2026-01-01T00:00:01.000Z abcdef12 step pull and plan"]
+    stopped = doctor.lock_check({"journal": journal}, now)
+    assert stopped.status == doctor.WARN and "stopped at step 'pull and plan'" in stopped.detail
 
 
 def test_doctor_clock_and_versions_and_exit_codes():
