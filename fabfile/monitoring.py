@@ -41,6 +41,7 @@ from .config import Settings
 from .core import host_for, ops_task, settings_for
 from .errors import OpsError
 from .host import Host
+from .lock import locked
 from .stack import compose, remote_files
 
 PROM_DIR = "monitoring/prometheus"
@@ -500,6 +501,7 @@ def test_alert(c, timeout=120):
     "force": "upload, validate and reload even if no file changed",
     "dry_run": "list the files that would change, change nothing",
 })
+@locked("monitoring.push")
 def push(c, force=False, dry_run=False):
     """Update the Prometheus and Grafana configuration of the running stack.
 
