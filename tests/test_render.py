@@ -425,3 +425,32 @@ def test_render_on_a_machine_without_docker_exits_0(tmp_path):
          "verify", str(unit)], capture_output=True, text=True, env=env)
     errors, facts = r.unit_findings(analyze.stdout + analyze.stderr)
     assert errors and facts, analyze.stdout + analyze.stderr
+
+
+# --- version-aware nginx (issue 12) ----------------------------------------------
+
+
+@pytest.mark.parametrize("nginx,openssl,listen,http2_on,curves", [
+    ("1.27", "3.3", "listen 443 ssl;", True, "X25519:prime256v1:secp384r1"),
+    ("1.25.1", "3.5", "listen 443 ssl;", True, "X25519MLKEM768:X25519:prime256v1:secp384r1"),
+    ("1.22", "3.0", "listen 443 ssl http2;", False, "X25519:prime256v1:secp384r1"),
+])
+def test_nginx_conf_follows_the_image_versions(nginx, openssl, listen, http2_on, curves):
+    conf = r.render_tree(settings(nginx={"version": nginx, "openssl_version": openssl}))[
+        r.NGINX_CONF].decode()
+    assert listen in conf and ("http2 on;" in conf) is http2_on
+    assert f"ssl_ecdh_curve {curves};" in conf
+    assert not re.search(r"(?<!EC)DHE-", conf) and "ssl_dhparam" not in conf
+
+
+def test_for_older_nginx_changes_only_the_version_directives():
+    new = r.render_tree(settings(nginx={"version": "1.27", "openssl_version": "3.5"}))[
+        r.NGINX_CONF].decode()
+    old = r.render_tree(settings(nginx={"version": "1.22", "openssl_version": "3.0"}))[
+        r.NGINX_CONF].decode()
+    adapted = r.for_older_nginx(new, "1.22.1", "3.0.19")
+    strip = re.compile(r"^# Rendered.*\n|^\s*# TLS: Mozilla.*\n|^\s*# OpenSSL.*\n"
+                       r"|^\s*return 200 \"[0-9a-f]+\\n\";\n", re.M)  # (config-id: a digest)
+    assert strip.sub("", adapted) == strip.sub("", old).replace(
+        "listen 443 ssl default_server;", "listen 443 ssl http2 default_server;").replace(
+        "listen [::]:443 ssl default_server;", "listen [::]:443 ssl http2 default_server;")
