@@ -538,6 +538,14 @@ def redis_check_archive_script(settings: Settings, path: str) -> str:
     return _check_archive_script(path, redis_verify_stream(settings, '"$archive"'))
 
 
+# Where the stack's Redis keeps its data: templates/docker/docker-compose.prod.yml
+# runs ``redis-server --dir /data --appendonly yes`` with the default file names.
+# A restore operates on these, never on paths read from a manifest.
+REDIS_DATA_DIR = "/data"
+REDIS_DBFILENAME = "dump.rdb"
+REDIS_APPENDDIRNAME = "appendonlydir"
+REDIS_APPENDONLY = "yes"
+
 # Inside a one-off container of the redis service (redis stopped), with the
 # decompressed RDB on stdin: move the current files aside into $2 and install
 # the RDB both as dbfilename and, when AOF is on, as the base of a fresh
