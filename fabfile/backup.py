@@ -210,7 +210,7 @@ def _offsite(host: Host, settings: Settings, manifest: dict) -> dict:
         reader = s3mod.ServerReader(host, f"{d}/{fname}")
         try:
             up = s3mod.upload(s3, bucket, s3mod.object_key(settings, kind, fname), reader,
-                              sha256=sha, size=size)
+                              sha256=sha, size=size, sse=settings.backup.s3.sse)
         finally:
             try:
                 reader.close()
@@ -221,7 +221,7 @@ def _offsite(host: Host, settings: Settings, manifest: dict) -> dict:
     manifest = {**manifest, "offsite": record}
     # The manifest goes up last: in the bucket too, it marks a complete copy.
     s3mod.put_small(s3, bucket, s3mod.object_key(settings, kind, manifest["name"] + ".json"),
-                    manifest_json(manifest).encode())
+                    manifest_json(manifest).encode(), sse=settings.backup.s3.sse)
     path = manifest_path(settings, kind, manifest["name"])
     host.write_file(path, manifest_json(manifest), mode=0o600, sudo=True)
     return record

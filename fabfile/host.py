@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shlex
 import sys
 import tempfile
@@ -46,7 +47,11 @@ def harden_connection(conn, extra_known_hosts: Iterable[str] = ()) -> None:
 
     fabric always installs paramiko's auto-add host key policy and loads no known_hosts
     file; we load the user's and the system's (plus any configured ones) and
-    set RejectPolicy. Safe to call more than once; a no-op for local contexts.
+    set RejectPolicy. The same goes for every ProxyJump gateway in front of it
+    (fabric makes a Connection of its own for each hop). A ProxyCommand gateway
+    is a command of the user's (e.g. ``ssh -W``) that checks its own keys; the
+    target's key is checked here either way. Safe to call more than once; a
+    no-op for local contexts.
     """
     if Connection is None or not isinstance(conn, Connection):
         return
@@ -54,6 +59,8 @@ def harden_connection(conn, extra_known_hosts: Iterable[str] = ()) -> None:
 
     if vars(conn).get("_maicivy_hardened"):
         return
+    if isinstance(conn.gateway, Connection):
+        harden_connection(conn.gateway, extra_known_hosts)
     client = conn.client
     client.set_missing_host_key_policy(paramiko.RejectPolicy())
     for path in (*DEFAULT_KNOWN_HOSTS, *extra_known_hosts):
@@ -71,12 +78,17 @@ def explain_ssh_error(exc: BaseException, target: str) -> OpsError | None:
     import paramiko
 
     if isinstance(exc, paramiko.BadHostKeyException):
+        if exc.hostname and exc.hostname.split(":")[0].strip("[]") not in target:
+            target = f"{exc.hostname} (on the way to {target})"
         return HostKeyError(
             f"host key of {target} has CHANGED (got {exc.key.get_name()} "
             f"{exc.key.fingerprint}); refusing to connect. If the server was really "
             "reinstalled, remove its old line from known_hosts and verify the new key"
         )
     if isinstance(exc, paramiko.SSHException) and "not found in known_hosts" in str(exc):
+        server = re.search(r"Server '([^']+)'", str(exc))
+        if server and server.group(1).split(":")[0].strip("[]") not in target:
+            target = f"{server.group(1)} (on the way to {target})"
         return HostKeyError(
             f"host key of {target} is unknown; refusing to connect. Verify its "
             "fingerprint and add it to ~/.ssh/known_hosts (e.g. connect once with ssh)"

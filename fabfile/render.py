@@ -12,9 +12,12 @@ passed, failed (with its output) or skipped (with the reason).
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,12 +34,41 @@ FILES_DIR = PROJECT_ROOT / "files"
 MODES = {".env.production.example": 0o644}
 
 COMPOSE_FILE = "docker/docker-compose.prod.yml"
-NGINX_CONF = "docker/nginx/nginx.conf"
+NGINX_DIR = "docker/nginx"
+NGINX_CONF = f"{NGINX_DIR}/nginx.conf"
 PROMETHEUS_CONF = "monitoring/prometheus/prometheus.yml"
 ALERTS = "monitoring/prometheus/alerts.yml"
 UNIT = "systemd/maicivy.service"
 ENV_EXAMPLE = ".env.production.example"
 DASHBOARD = "monitoring/grafana/dashboards/maicivy_overview.json"
+
+# A template that writes {{ config_id }} gets, in its place, a digest of its own
+# rendered text (computed with this placeholder in it): what a running service
+# reports back so that deploy can prove it loaded this very file.
+CONFIG_ID_PLACEHOLDER = "@@MAICIVY_CONFIG_ID@@"
+
+
+# nginx answers its config id on this port of the container's own loopback.
+NGINX_STATUS_PORT = 8099
+
+
+def config_id(text: str) -> str:
+    """The digest that stands for ``text`` (rendered with the placeholder)."""
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def embedded_config_id(data: bytes) -> str | None:
+    """The config id a rendered file carries (None if its template has none).
+
+    Checked, not trusted: the file with its id put back to the placeholder
+    must hash to that id, so a hand-edited file has none.
+    """
+    text = data.decode(errors="replace")
+    for m in re.finditer(r"[0-9a-f]{16}", text):
+        candidate = m.group(0)
+        if config_id(text.replace(candidate, CONFIG_ID_PLACEHOLDER)) == candidate:
+            return candidate
+    return None
 
 
 def _environment() -> jinja2.Environment:
@@ -64,12 +96,16 @@ def render_tree(settings: Settings) -> dict[str, bytes]:
     env = _environment()
     context = dict(settings)
     context["image"] = settings.image
+    context["config_id"] = CONFIG_ID_PLACEHOLDER
+    context["nginx_status_port"] = NGINX_STATUS_PORT
     out: dict[str, bytes] = {}
     for rel in _walk(TEMPLATES_DIR):
         try:
             text = env.get_template(rel).render(context)
         except jinja2.UndefinedError as exc:
             raise OpsError(f"template {rel}: {exc.message}; this is a bug in maicivy-ops") from exc
+        if CONFIG_ID_PLACEHOLDER in text:
+            text = text.replace(CONFIG_ID_PLACEHOLDER, config_id(text))
         out[rel] = text.encode()
     for rel in _walk(FILES_DIR):
         if rel in out:
@@ -88,6 +124,61 @@ def write_tree(files: dict[str, bytes], out_dir: Path) -> list[Path]:
         path.chmod(MODES.get(rel, 0o644))
         written.append(path)
     return written
+
+
+MARKER = ".maicivy-render"
+
+
+def _ours(out_dir: Path, files: dict[str, bytes]) -> bool:
+    """True if ``out_dir`` is empty, or a tree this task wrote (safe to replace)."""
+    if (out_dir / MARKER).is_file():
+        return True
+    present = {str(p.relative_to(out_dir)) for p in out_dir.rglob("*") if not p.is_dir()}
+    return present <= set(files)
+
+
+def publish_tree(files: dict[str, bytes], out_dir: Path) -> list[Path]:
+    """Write the tree into a new directory next to ``out_dir``, then rename it into place.
+
+    Either the whole new tree is there, or (on any error) ``out_dir`` is as it
+    was: never a mix of old and new files. An existing ``out_dir`` is replaced
+    only if it is a previous render (or empty).
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OpsError(f"{out_dir} exists and is not a directory; choose another --out")
+    if out_dir.is_dir() and not _ours(out_dir, files):
+        raise OpsError(f"{out_dir} already holds files that render did not write; "
+                       "choose a new or empty directory for --out")
+    parent = out_dir.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=parent))
+    except OSError as exc:
+        raise OpsError(f"cannot write into {parent}: {exc.strerror or exc}; choose another "
+                       "--out") from None
+    old = tmp.with_name(tmp.name + ".old")
+    try:
+        write_tree(files, tmp)
+        (tmp / MARKER).write_text("written by `inv render`; replaced whole on the next run\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)
+        if out_dir.is_dir():
+            out_dir.rename(old)
+            try:
+                tmp.rename(out_dir)
+            except OSError:
+                old.rename(out_dir)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out_dir)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        what = exc.filename or tmp
+        raise OpsError(f"cannot write the rendered tree ({what}: {exc.strerror or exc}); "
+                       f"{out_dir} is unchanged") from None
+    return [out_dir / rel for rel in sorted(files)]
 
 
 # --- validators ---------------------------------------------------------------
@@ -141,21 +232,18 @@ def check_nginx(tree: Path, settings: Settings) -> Check:
     names backend/frontend/grafana): we bind a sandbox over /etc/nginx (the
     rendered nginx.conf, mime.types, ffdhe2048.pem, throw-away certificates) and
     over /etc/hosts, in a mount namespace of our own, so the host is untouched.
+    The stack mounts the whole rendered ``docker/nginx`` directory at
+    /etc/nginx (mime.types included), and so does the sandbox.
     """
     nginx, unshare = shutil.which("nginx") or _sbin("nginx"), shutil.which("unshare")
     if not nginx:
         return Check("nginx -t", "skipped", "nginx is not installed")
     if not unshare:
         return Check("nginx -t", "skipped", "unshare (util-linux) is not installed")
-    mime = Path("/etc/nginx/mime.types")
-    if not mime.is_file():
-        return Check("nginx -t", "skipped", "/etc/nginx/mime.types is missing")
     with tempfile.TemporaryDirectory(prefix="maicivy-nginx-") as sandbox:
+        # What the container sees at /etc/nginx: the rendered directory.
         etc = Path(sandbox) / "etc-nginx"
-        etc.mkdir()
-        shutil.copy(tree / NGINX_CONF, etc / "nginx.conf")
-        shutil.copy(tree / "docker/nginx/ffdhe2048.pem", etc / "ffdhe2048.pem")
-        shutil.copy(mime, etc / "mime.types")
+        shutil.copytree(tree / NGINX_DIR, etc)
         names = [settings.domain, settings.grafana_domain]
         _self_signed(etc / "certs", names)
         (Path(sandbox) / "hosts").write_text(
@@ -181,8 +269,17 @@ def _sbin(name: str) -> str | None:
     return None
 
 
+def tool(name: str) -> str | None:
+    """Where a validator is: on PATH, or next to the running Python (its venv)."""
+    found = shutil.which(name)
+    if found:
+        return found
+    beside = Path(sys.executable).parent / name
+    return str(beside) if os.access(beside, os.X_OK) and beside.is_file() else None
+
+
 def check_gixy(tree: Path) -> Check:
-    gixy = shutil.which("gixy")
+    gixy = tool("gixy")
     if not gixy:
         return Check("gixy", "skipped", "gixy (pip install gixy-ng) is not installed")
     return _result("gixy", _run([gixy, str(tree / NGINX_CONF)]))
@@ -210,16 +307,47 @@ def check_compose(tree: Path) -> Check:
     return _result("docker compose config", proc)
 
 
+# What systemd-analyze says about the machine rather than about the unit file:
+# Docker is not installed where render runs (a laptop, a CI runner).
+_MACHINE_FACTS = (
+    re.compile(r"Unit (docker\.service|docker\.socket) not found"),
+    re.compile(r"Command /usr/bin/docker is not executable"),
+)
+
+
+def unit_findings(output: str, unit: str = "maicivy.service") -> tuple[list[str], list[str]]:
+    """systemd-analyze verify's lines about our unit: (errors in the file, machine facts).
+
+    Machine facts are given as the matching phrase, once each.
+    """
+    errors, facts = [], []
+    for line in output.splitlines():
+        if unit not in line:
+            continue  # about other units installed on this machine
+        fact = next((m.group(0) for p in _MACHINE_FACTS if (m := p.search(line))), None)
+        if fact:
+            if fact not in facts:
+                facts.append(fact)
+        else:
+            errors.append(line)
+    return errors, facts
+
+
 def check_unit(tree: Path) -> Check:
-    analyze = shutil.which("systemd-analyze")
+    analyze = tool("systemd-analyze")
     if not analyze:
         return Check("systemd-analyze verify", "skipped", "systemd-analyze is not installed")
     proc = _run([analyze, "verify", str(tree / UNIT)])
-    # systemd-analyze also complains about unrelated units on the machine;
-    # only lines about our unit count.
-    ours = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "maicivy.service" in ln]
-    status = "failed" if proc.returncode or ours else "passed"
-    return Check("systemd-analyze verify", status, "\n".join(ours))
+    errors, facts = unit_findings(proc.stdout + proc.stderr)
+    if errors:
+        return Check("systemd-analyze verify", "failed", "\n".join(errors))
+    if facts:
+        return Check("systemd-analyze verify", "skipped",
+                     "Docker is not installed on this machine, so the unit's dependencies "
+                     "cannot be checked here (" + "; ".join(facts) + "); no error in the file")
+    if proc.returncode:
+        return Check("systemd-analyze verify", "failed", (proc.stdout + proc.stderr).strip())
+    return Check("systemd-analyze verify", "passed")
 
 
 def validate_tree(tree: Path, settings: Settings) -> list[Check]:
@@ -250,12 +378,15 @@ def render(c, out="build", validate=True):
     OUT, laid out as under the stack root on the server, then checks it with
     nginx -t, gixy, promtool, docker compose config and systemd-analyze
     verify -- each one that is installed; the others are listed as skipped.
-    Exits 1 if a validator rejects a file. Needs no server.
+    Exits 1 if a validator rejects a file. Needs no server. The tree is
+    written into a new directory next to OUT and renamed into place: OUT is
+    replaced whole (only if it holds a previous render, or nothing) and never
+    left half-written.
     """
     settings = settings_for(c)
     out_dir = Path(out).expanduser().resolve()
     files = render_tree(settings)
-    for path in write_tree(files, out_dir):
+    for path in publish_tree(files, out_dir):
         print(f"wrote {path}")
     if not validate:
         return

@@ -56,6 +56,7 @@ def test_every_production_file_is_rendered(tree):
         ".env.production.example",
         "docker/docker-compose.prod.yml",
         "docker/nginx/nginx.conf",
+        "docker/nginx/mime.types",
         "docker/nginx/ffdhe2048.pem",
         "monitoring/prometheus/prometheus.yml",
         "monitoring/prometheus/alerts.yml",
@@ -76,8 +77,16 @@ def _server_blocks(conf: str) -> list[str]:
 
 def test_nginx_conf(tree):
     conf = tree["docker/nginx/nginx.conf"].decode()
-    for name in ("backend", "frontend", "grafana"):
-        assert f"upstream {name} {{" in conf
+    # Upstream names are resolved at request time through Docker's DNS (a
+    # restarted container's new address is found), never once at start.
+    assert "resolver 127.0.0.11 valid=5s ipv6=off;" in conf
+    assert not re.search(r"^\s*upstream ", conf, re.M)
+    for name, port in (("backend", 8080), ("frontend", 3000), ("grafana", 3000)):
+        assert f"set ${name} {name}:{port};" in conf
+        assert f"proxy_pass http://{name};" not in conf
+    assert conf.count("proxy_pass http://$backend;") == 4
+    assert re.search(r"location /ws/ \{[^}]*Upgrade \$http_upgrade;[^}]*proxy_pass "
+                     r"http://\$backend;", conf)
     assert "return 301 https://$host$request_uri;" in conf
     assert "location /.well-known/acme-challenge/" in conf
     assert "rate=100r/m" in conf and "limit_req_status 429;" in conf
@@ -184,6 +193,72 @@ def test_settings_reach_the_files():
     assert "< 7" in tree["monitoring/prometheus/alerts.yml"].decode()
 
 
+def _bind_mounts(tree) -> list[tuple[str, str, str]]:
+    """(service, source relative to the stack root, target) of every bind mount of a
+    path the stack root holds (relative sources: the compose file's directory)."""
+    import posixpath
+
+    compose = yaml.safe_load(tree["docker/docker-compose.prod.yml"])
+    out = []
+    for name, svc in compose["services"].items():
+        for entry in svc.get("volumes", []):
+            source, target = entry.split(":")[:2]
+            if source.startswith("."):
+                out.append((name, posixpath.normpath(posixpath.join("docker", source)), target))
+    return out
+
+
+def test_compose_mounts_directories_never_single_files(tree):
+    """A deploy replaces files by rename (new inode): a single-file bind mount keeps
+    showing the old file; a directory mount shows the new one."""
+    mounts = _bind_mounts(tree)
+    assert {(s, src) for s, src, _t in mounts} >= {
+        ("nginx", "docker/nginx"), ("prometheus", "monitoring/prometheus"),
+        ("grafana", "monitoring/grafana/provisioning")}
+    for service, source, target in mounts:
+        assert source not in tree, f"{service} mounts the single file {source} at {target}"
+        assert any(rel.startswith(source + "/") for rel in tree), (service, source)
+    # nginx's whole /etc/nginx is ours: the config, mime.types, dhparam, certs/.
+    nginx = tree["docker/nginx/nginx.conf"].decode()
+    for path in re.findall(r"(?:include|ssl_dhparam) /etc/nginx/(\S+);", nginx):
+        assert f"docker/nginx/{path}" in tree, path
+
+
+def test_config_id_is_a_digest_of_the_file_itself():
+    a = r.render_tree(settings())["docker/nginx/nginx.conf"]
+    b = r.render_tree(settings(rate_limit={"per_minute": 101}))["docker/nginx/nginx.conf"]
+    ida, idb = r.embedded_config_id(a), r.embedded_config_id(b)
+    assert ida and idb and ida != idb
+    assert f'return 200 "{ida}\\n";' in a.decode()
+    assert r.CONFIG_ID_PLACEHOLDER.encode() not in a
+    # A hand-edited file carries no valid id any more.
+    assert r.embedded_config_id(a.replace(b"rate=100r/m", b"rate=99r/m")) is None
+    assert r.embedded_config_id(b"no id here") is None
+
+
+def test_systemd_findings_split_machine_facts_from_file_errors():
+    out = (
+        "maicivy.service: Failed to create maicivy.service/start: Unit docker.service "
+        "not found.\n"
+        "maicivy.service: Command /usr/bin/docker is not executable: No such file or "
+        "directory\n"
+        "maicivy.service: Command /usr/bin/docker is not executable: No such file or "
+        "directory\n"
+        "cups.service: something about another unit\n"
+    )
+    errors, facts = r.unit_findings(out)
+    assert errors == []
+    assert facts == ["Unit docker.service not found",
+                     "Command /usr/bin/docker is not executable"]
+    errors, facts = r.unit_findings(
+        out + "maicivy.service:9: Failed to parse service type, ignoring: sometimes\n")
+    assert errors == ["maicivy.service:9: Failed to parse service type, ignoring: sometimes"]
+    # Another missing unit or command is an error in the file, not a fact of the machine.
+    errors, _ = r.unit_findings("maicivy.service: Failed to create maicivy.service/start: "
+                                "Unit dokcer.service not found.\n")
+    assert errors
+
+
 # --- real validators -----------------------------------------------------------
 
 
@@ -192,7 +267,7 @@ def test_render_task_validates_default_render(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
-    assert sum(line.startswith("wrote ") for line in lines) == 10
+    assert sum(line.startswith("wrote ") for line in lines) == 11
     for name in ("nginx -t", "gixy", "promtool check config", "promtool check rules",
                  "docker compose config", "systemd-analyze verify"):
         assert any(line.split() and line.split()[0] == "passed" and name in line
@@ -204,8 +279,8 @@ def test_nginx_t(rendered):
     tree, s = rendered
     assert r.check_nginx(tree, s).status == "passed"
     conf = tree / r.NGINX_CONF
-    conf.write_text(conf.read_text().replace("proxy_pass http://backend;",
-                                             "proxy_pass http://backend", 1))
+    conf.write_text(conf.read_text().replace("proxy_pass http://$backend;",
+                                             "proxy_pass http://$backend", 1))
     check = r.check_nginx(tree, s)
     assert check.status == "failed" and "nginx" in check.detail
 
@@ -278,3 +353,69 @@ def test_systemd_analyze_verify(rendered):
     unit = tree / r.UNIT
     unit.write_text(unit.read_text().replace("Type=oneshot", "Type=sometimes"))
     assert r.check_unit(tree).status == "failed"
+
+
+# A machine without Docker: its unit files and binary are hidden in a mount
+# namespace of the test's own (the host is untouched).
+_NO_DOCKER = r"""
+set -e
+units=$(mktemp -d)
+cp -a /usr/lib/systemd/system/. "$units"/
+rm -f "$units"/docker.service "$units"/docker.socket
+mount --bind "$units" /usr/lib/systemd/system
+for bin in /usr/bin/docker /usr/local/bin/docker; do
+  [ -e "$bin" ] && mount --bind /dev/null "$bin"
+done
+exec "$@"
+"""
+
+
+def test_render_on_a_machine_without_docker_exits_0(tmp_path):
+    """The README's first command on a fresh machine: no Docker there, and gixy only
+    in the virtualenv (not on PATH). Machine facts are skipped with why; errors in the
+    unit file still fail."""
+    import os
+    import sys
+
+    need("systemd-analyze")
+    venv_bin = Path(sys.executable).parent
+    assert (venv_bin / "gixy").exists(), "gixy is in the test extra (setup.cfg)"
+    path = "/usr/sbin:/usr/bin:/sbin:/bin"  # no venv, no /usr/local/bin
+    flags = ["--mount"] if os.geteuid() == 0 else ["--mount", "--map-root-user"]
+    env = {"PATH": path, "HOME": str(tmp_path), "LANG": "C.UTF-8"}
+
+    def render(out: Path) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["unshare", *flags, "bash", "-c", _NO_DOCKER, "no-docker", str(venv_bin / "inv"),
+             "-r", str(HERE.parent), "render", "--out", str(out)],
+            capture_output=True, text=True, env=env, timeout=300)
+
+    proc = render(tmp_path / "build")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    def status(name: str) -> str:
+        m = re.search(rf"^ *(passed|failed|skipped)  {re.escape(name)}( \(|$)", proc.stdout,
+                      re.M)
+        return m.group(1) if m else f"{name}: not reported"
+
+    assert status("gixy") == "passed", proc.stdout
+    assert status("nginx -t") == "passed", proc.stdout
+    assert status("docker compose config") == "skipped", proc.stdout
+    assert status("systemd-analyze verify") == "skipped", proc.stdout
+    assert ("Docker is not installed on this machine" in proc.stdout
+            and "Unit docker.service not found" in proc.stdout
+            and "no error in the file" in proc.stdout), proc.stdout
+    # An error in the unit file still fails there.
+    tree = tmp_path / "broken"
+    r.write_tree(r.render_tree(settings()), tree)
+    analyze = subprocess.run(
+        ["unshare", *flags, "bash", "-c", _NO_DOCKER, "no-docker", "systemd-analyze",
+         "verify", str(tree / r.UNIT)], capture_output=True, text=True, env=env)
+    errors, facts = r.unit_findings(analyze.stdout + analyze.stderr)
+    assert facts and not errors, analyze.stderr
+    unit = tree / r.UNIT
+    unit.write_text(unit.read_text().replace("Type=oneshot", "Type=sometimes"))
+    analyze = subprocess.run(
+        ["unshare", *flags, "bash", "-c", _NO_DOCKER, "no-docker", "systemd-analyze",
+         "verify", str(unit)], capture_output=True, text=True, env=env)
+    errors, facts = r.unit_findings(analyze.stdout + analyze.stderr)
+    assert errors and facts, analyze.stdout + analyze.stderr
