@@ -317,11 +317,16 @@ def test_secrets_are_expanded_inside_the_containers_only():
 
 def test_backups_stream_on_the_server_and_are_renamed_only_after_the_check():
     script = pg_backup_script(settings())
-    dump = script.index("exec pg_dump -Fc -Z0")
+    # pg_restore reads the whole dump stream as it is written (rows counted)...
+    dump = script.index("pg_dump -Fc -Z0")
+    assert script.index('pg_restore -f - < "$st/r"') < dump
     fsync = script.index('sync -- "$tmp"')
-    read_back = script.index("exec pg_restore -f -")
+    # ...then the file is read back once from the disk: its sha256 and the sha256 of
+    # what it decompresses to, which must be the stream pg_restore read.
+    read_back = script.index('tee "$work/f" < "$tmp" | "${D[@]}" | sha256sum')
+    compare = script.index("does not decompress to the dump pg_restore read")
     rename = script.index('mv -f -- "$tmp" "$data"')
-    assert dump < fsync < read_back < rename
+    assert dump < fsync < read_back < compare < rename
     assert '> "$tmp"' in script and ".partial" in script
 
 
