@@ -317,16 +317,20 @@ def test_an_interrupted_backup_leaves_nothing_and_no_stale_lock(rig):
 
 def test_check_list_and_the_restore_drill(rig):
     ok(rig.fab("backup.all", "--no-prune"))
+    done = time.time()
     proc = ok(rig.fab("backup.check"))
     assert "ok postgres" in proc.stdout and "ok redis" in proc.stdout
-    stale = rig.fab("backup.check", config=rig.config(backup={"max_age_hours": 0.000001}))
-    assert stale.returncode != 0 and "h old" in stale.stdout
     small = rig.fab("backup.check", config=rig.config(backup={"min_size_bytes": 10**9}))
     assert small.returncode != 0 and "bytes" in errors(small)[0]
 
     drill = ok(rig.fab("backup.verify", "--kind", "all"))
     assert "counts match the manifest" in drill.stdout and "ok redis" in drill.stdout
     assert not [d for d in rig.databases() if d.startswith("maicivy_verify_")]
+
+    # The smallest max_age_hours the settings accept is 0.01 h (36 s).
+    time.sleep(max(0.0, done + 37 - time.time()))
+    stale = rig.fab("backup.check", config=rig.config(backup={"max_age_hours": 0.01}))
+    assert stale.returncode != 0 and "h old" in stale.stdout
 
     m = rig.latest("postgres")
     listing = ok(rig.fab("backup.list"))
