@@ -90,10 +90,11 @@ def cert_endpoints(settings: Settings) -> list[tuple[str, str]]:
 def _http_command(settings: Settings, keys: list[str], timeout: float) -> str:
     """One curl, all requests at once (--parallel), through nginx with SNI.
 
-    Each transfer opens its own connection (--parallel-immediate), so each
-    reports the certificate it was served (curl >= 7.88 ``%{certs}``; older
-    curl: openssl afterwards). The certificate checks request ``/../`` with
-    --path-as-is: nginx refuses it itself (400), no upstream is involved.
+    Each transfer opens its own connection (--parallel-immediate) with a full
+    handshake (--no-sessionid), so each reports the certificate it was served
+    (curl >= 7.88 ``%{certs}``; older curl: openssl afterwards). The
+    certificate checks request ``/../`` with --path-as-is: nginx refuses it
+    itself (400), no upstream is involved.
     Each transfer gets ``timeout`` (--max-time is per transfer); bodies go to
     files in the script's temporary directory and are printed after.
     """
@@ -103,7 +104,10 @@ def _http_command(settings: Settings, keys: list[str], timeout: float) -> str:
     chosen = [(k, h, path) for k, _, h, path in http_endpoints(settings) if k in keys]
     chosen += [(k, h, "/../") for k, h in cert_endpoints(settings) if k in keys]
     hosts = sorted({host for _, host, _ in chosen})
-    parts = ["curl -s -k --path-as-is --parallel --parallel-immediate --parallel-max 16",
+    # --no-sessionid: a resumed TLS session (curl reuses them across transfers)
+    # sends no certificate, so that transfer's %{certs} would be empty.
+    parts = ["curl -s -k --no-sessionid --path-as-is --parallel --parallel-immediate "
+             "--parallel-max 16",
              f"--max-time {timeout:g}",
              # past the maintenance page (app.maintenance-on): the real site is checked
              "-H 'X-Maicivy-Check: health'"]

@@ -49,7 +49,7 @@ class Spec:
     aliases: tuple[str, ...] = ()    # names the server has on that network
     apt_repo: str = ""               # a local flat apt repository (offline provisioning)
     wheelhouse: str = ""             # a directory of wheels for pip --find-links
-    files: dict[str, bytes] = field(default_factory=dict)  # written in the server at start
+    files: dict[str, bytes] = field(default_factory=dict)  # written at start, mode 600
 
     @property
     def volume(self) -> str:
@@ -100,8 +100,6 @@ def run_argv(spec: Spec) -> list[str]:
             "--stop-signal", "SIGRTMIN+3",
             "-p", f"127.0.0.1:{spec.ssh_port}:22", "-p", f"127.0.0.1:{spec.http_port}:80",
             "-p", f"127.0.0.1:{spec.https_port}:443"]
-    if spec.pubkey:
-        argv += ["-v", f"{spec.pubkey}:/root/.ssh/authorized_keys:ro"]
     if spec.network:
         argv += ["--network", spec.network]
         for alias in spec.aliases:
@@ -261,10 +259,13 @@ def start(spec: Spec, boot_timeout: float = 180) -> Sandbox:
         wait_running(spec.name, boot_timeout)
         if spec.apt_repo:
             sh(spec.name, offline_apt_script())
-        for path, data in spec.files.items():
+        files = dict(spec.files)
+        if spec.pubkey:  # written, not bind-mounted: sshd wants it owned by root
+            files["/root/.ssh/authorized_keys"] = Path(spec.pubkey).read_bytes()
+        for path, data in files.items():
             q = shlex.quote(path)
             _docker("exec", "-i", spec.name, "sh", "-c",
-                    f"mkdir -p \"$(dirname {q})\" && cat > {q}", input=data)
+                    f"umask 077 && mkdir -p \"$(dirname {q})\" && cat > {q}", input=data)
         return attach(spec.name, boot_timeout)
     except BaseException:
         stop(spec.name)

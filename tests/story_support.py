@@ -20,6 +20,7 @@ import json
 import os
 import secrets
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -245,7 +246,9 @@ class World:
     def fab(self, *args: str, timeout: float = 900, config: Path | None = None
             ) -> subprocess.CompletedProcess:
         """The real ``fab`` CLI, as an operator types it, with the settings file."""
-        argv = ["fab", "-r", str(ROOT), "-H", self.box.target, "-i", str(self.client_key), *args]
+        fab = Path(sys.executable).with_name("fab")  # the virtualenv's, as PATH may lack it
+        argv = [str(fab) if fab.exists() else "fab", "-r", str(ROOT), "-H", self.box.target,
+                "-i", str(self.client_key), *args]
         env = {k: v for k, v in os.environ.items() if not k.startswith("MAICIVY_")}
         env["MAICIVY_CONFIG"] = str(config or self.config)
         return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd="/",

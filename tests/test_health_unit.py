@@ -388,3 +388,10 @@ Expire date:Jan  1 00:00:00 2056 GMT"""
     assert (info.subject, info.issuer, info.serial) == (
         "maicivy.test", "Pebble Intermediate CA 7afd1e", "0a1b")
     assert info.not_after == "2026-12-04T22:00:28Z"
+
+
+def test_certificate_transfers_never_resume_a_tls_session():
+    # A resumed session sends no certificate: curl's %{certs} would be empty and
+    # the check would fail at random (seen with curl 8.14 on Debian 13).
+    s = load_settings(environ={}, files=[])
+    assert "--no-sessionid" in health.http_probe(s).command
