@@ -31,8 +31,8 @@ from backup_support import (
 )
 
 from fabfile import backup_s3
-from fabfile.backup_lock import server_lock
 from fabfile.errors import OpsError
+from fabfile.lock import server_lock
 
 pytestmark = pytest.mark.rig
 
@@ -440,6 +440,8 @@ def test_offsite_copy_is_streamed_verified_checked_and_restorable(rig, moto):
     assert json.loads(s3.get_object(Bucket=BUCKET, Key=f"prod/postgres/{m['name']}.json")
                       ["Body"].read())["sha256"] == m["sha256"]
     assert m["offsite"]["verified"]
+    for k in (key, f"prod/postgres/{m['name']}.json"):  # encrypted at rest (backup.s3.sse)
+        assert s3.head_object(Bucket=BUCKET, Key=k)["ServerSideEncryption"] == "AES256"
     assert rig.metrics("postgres")["maicivy_backup_offsite_last_success_timestamp_seconds"] > 0
     ok(rig.fab("backup.redis", config=config))
 

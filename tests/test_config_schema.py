@@ -276,6 +276,19 @@ def test_hostile_values_are_refused_or_inert(name, baseline):
             or name.startswith("provision.cron."), f"{name} accepted {accepted!r}"
 
 
+@pytest.mark.parametrize("name", [n for n, k in iter_keys()
+                                  if not isinstance(k.default, (str, list))])
+def test_numbers_and_booleans_take_no_strings(name):
+    key = dict(iter_keys())[name]
+    for value in (str(key.default), f"{key.default}\nprivileged: true", "1; id", None, [1]):
+        with pytest.raises(ConfigError) as err:
+            load(**nested(name, value))
+        assert str(err.value).startswith(f"maicivy.{name} must be"), str(err.value)
+    if not isinstance(key.default, bool):
+        with pytest.raises(ConfigError):
+            load(**nested(name, True))  # True is 1 to Python, never a number here
+
+
 # --- through the real command line ----------------------------------------------------
 
 
