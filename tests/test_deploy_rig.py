@@ -33,7 +33,8 @@ from fabfile.stack import ensure_certificates
 
 pytestmark = pytest.mark.rig
 
-PROJECT = "maicivydeploy"
+# Another name when several checkouts run this module at once on one Docker.
+PROJECT = os.environ.get("MAICIVY_DEPLOY_RIG_PROJECT", "maicivydeploy")
 
 
 class Rig:
