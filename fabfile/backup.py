@@ -51,6 +51,7 @@ from .core import host_for, ops_task, settings_for
 from .errors import OpsError
 from .host import Host
 from .lock import backup_locks, server_lock
+from .progress import step
 from .stack import read_env
 
 TOOL = "maicivy-ops 0.1.0"
@@ -327,7 +328,8 @@ def run_backup(
             host.run(f"install -d -m 700 -- {shlex.quote(settings.backup.dir)} "
                      f"{shlex.quote(kind_dir(settings, kind))}", sudo=True)
             _remove_incomplete(host, settings, kind)
-            manifest = _make_backup(host, settings, kind, reason, label)
+            with step(f"{kind} backup: dump, verify, manifest"):
+                manifest = _make_backup(host, settings, kind, reason, label)
         except BaseException as exc:
             try:
                 write_metrics(host, settings, kind, ok=False, ended=time.time(),

@@ -23,7 +23,6 @@ The pure half (scripts and their parsing) is in :mod:`fabfile.release`.
 
 from __future__ import annotations
 
-import difflib
 import json
 import re
 import shlex
@@ -35,6 +34,7 @@ from .core import host_for, ops_task, settings_for
 from .errors import ConfigError, OpsError
 from .host import Host, sha256, upload_if_changed
 from .lock import LockLost, StackLock, break_lock, stack_lock, who
+from .progress import step
 from .release import (
     ROLLING,
     Diagnosis,
@@ -177,9 +177,11 @@ def converge(host: Host, settings: Settings, plan: Plan, rolling_back: bool = Fa
         if not good:
             host.say(f"{service}: starting the new container beside the old one")
             _step(host, f"{service}: start the new container")
-            r = host.run(scale_up_cmd(settings, service, len(running) + 1, timeout,
-                                      [c.id for c in plan.of(service)]),
-                         sudo=True, warn=True, timeout=timeout + 120)
+            with step(f"{service}: wait until the new container is healthy") as s:
+                r = host.run(scale_up_cmd(settings, service, len(running) + 1, timeout,
+                                          [c.id for c in plan.of(service)]),
+                             sudo=True, warn=True, timeout=timeout + 120)
+                s.failed = r.failed
             sec = sections(r.stdout)
             new = " ".join(sec.get("new", [])).split()
             new_name = new[1] if len(new) > 1 else (new[0][:12] if new else "")
@@ -236,6 +238,13 @@ def reload_changed(host: Host, settings: Settings, changed_rel, touched) -> None
 
 def health_gate(host: Host, settings: Settings, attempts: int = 5) -> list[str]:
     """[] when every service is healthy and the health URLs answer through nginx."""
+    with step("health gate") as s:
+        problems = _health_gate(host, settings, attempts)
+        s.failed = bool(problems)
+    return problems
+
+
+def _health_gate(host: Host, settings: Settings, attempts: int) -> list[str]:
     problems: list[str] = []
     for i in range(attempts):
         r = host.check(gate_script(settings), sudo=True, timeout=120)
@@ -250,7 +259,10 @@ def health_gate(host: Host, settings: Settings, attempts: int = 5) -> list[str]:
 def _plan(host: Host, settings: Settings, refs, pull: bool, http: bool = False):
     """(Pull,) read the stack's state and plan; returns (plan, raw output)."""
     _step(host, "pull and plan" if pull else "plan")
-    r = host.run(plan_script(settings, refs, pull, http), sudo=True, warn=True, timeout=1800)
+    with step("pull images" if pull else "read the stack's state") as s:
+        r = host.run(plan_script(settings, refs, pull, http), sudo=True, warn=True,
+                     timeout=1800)
+        s.failed = r.failed
     if r.failed:
         from .host import last_lines
 
@@ -408,29 +420,13 @@ def _deploy_locked(host: Host, settings: Settings, files, state: ServerState,
     return release
 
 
-def dry_run_deploy(host: Host, settings: Settings) -> None:
-    """Print the diff of every file that would change and the commands that would run."""
+def dry_run_commands(host: Host, settings: Settings) -> None:
+    """Print the commands a deploy would run (deploy --dry-run --verbose)."""
     files = remote_files(settings)
     state = parse_state(host.check(probe_script(settings, list(files)), sudo=True).stdout)
     root = settings.root.rstrip("/")
-    if state.busy:
-        host.say(f"note: a deploy is running now: {state.busy}")
-    if state.unset:
-        host.say(f"note: {settings.env_file} lacks {', '.join(state.unset)}: a real deploy "
-                 "would refuse; run provision first")
     known = {f"{root}/{rel}": digest for rel, digest in state.hashes.items()}
     changed = [p for p, data in files.items() if known.get(p) != sha256(data)]
-    for path in changed:
-        old = host.read_file(path, sudo=True) if path in known else b""
-        diff = difflib.unified_diff(
-            old.decode(errors="replace").splitlines(keepends=True),
-            files[path].decode(errors="replace").splitlines(keepends=True),
-            fromfile=f"{host.name}:{path}" if path in known else "/dev/null",
-            tofile=f"{host.name}:{path} (new)",
-        )
-        host.say("".join(diff).rstrip("\n"))
-    if not changed:
-        host.say("no file would change")
     for path in changed:
         host.say(f"[dry-run] would write {path}")
     host.run(plan_script(settings, image_refs(settings), pull=True))
@@ -449,14 +445,16 @@ def dry_run_deploy(host: Host, settings: Settings) -> None:
 
 
 @ops_task(default=True, help={
-    "dry_run": "print the diff of every file that would change and the commands that "
-               "would run; change nothing",
+    "dry_run": "print the plan: the diff of every file that would change, then per "
+               "service the image running now, the one the registry has and what would "
+               "happen, and the backup; change nothing",
+    "verbose": "with --dry-run: also print the commands deploy would run",
     "backend_tag": "deploy this tag of the backend image (e.g. sha-abc1234) instead of "
                    "the one in the settings",
     "frontend_tag": "deploy this tag of the frontend image instead of the one in the "
                     "settings",
 })
-def deploy(c, dry_run=False, backend_tag="", frontend_tag=""):
+def deploy(c, dry_run=False, verbose=False, backend_tag="", frontend_tag=""):
     """Deploy the stack without downtime; roll back automatically if it is not healthy.
 
     Takes the stack lock, uploads the rendered files that changed, pulls the
@@ -475,9 +473,17 @@ def deploy(c, dry_run=False, backend_tag="", frontend_tag=""):
     settings = with_tags(settings_for(c), {"backend": backend_tag, "frontend": frontend_tag})
     host = host_for(c, settings, dry_run=dry_run)
     if dry_run:
-        dry_run_deploy(host, settings)
+        from .plan import show_plan
+
+        show_plan(host, settings)
+        if verbose:
+            dry_run_commands(host, settings)
         return
     deploy_host(host, settings)
+    from .app import maintenance_note
+
+    if note := maintenance_note(host, settings):  # never silently left on
+        host.say(note)
 
 
 @ops_task

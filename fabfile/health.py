@@ -108,7 +108,9 @@ def _http_command(settings: Settings, keys: list[str], timeout: float) -> str:
     # sends no certificate, so that transfer's %{certs} would be empty.
     parts = ["curl -s -k --no-sessionid --path-as-is --parallel --parallel-immediate "
              "--parallel-max 16",
-             f"--max-time {timeout:g}"]
+             f"--max-time {timeout:g}",
+             # past the maintenance page (app.maintenance-on): the real site is checked
+             "-H 'X-Maicivy-Check: health'"]
     parts += [f"--resolve {shlex.quote(f'{h}:{port}:{target}')}" for h in hosts]
     parts.append(f"-w '{_WRITE_OUT}'")
     for key, host, path in chosen:
@@ -231,9 +233,29 @@ def docker_probe(settings: Settings, parts: tuple[str, ...] = DOCKER_PARTS,
                  parts=tuple(f"docker:{p}" for p in parts))
 
 
+def maintenance_probe(settings: Settings) -> Probe:
+    """Whether the maintenance page is up (app.maintenance-on): the flag's note."""
+    from .app import maintenance_flag
+
+    flag = shlex.quote(maintenance_flag(settings))
+    return Probe("maintenance", "maintenance",
+                 f"if [ -e {flag} ]; then echo \"on $(head -c 200 {flag} | head -n 1)\"; "
+                 "else echo off; fi")
+
+
+def maintenance_row(rc: int, output: str, seconds: float) -> Row:
+    text = output.strip()
+    if text.startswith("on"):
+        return Row("maintenance", WARNING, f"ON {text[2:].strip()}: the site answers 503; "
+                   "app.maintenance-off ends it", seconds)
+    if rc == 0 and text == "off":
+        return Row("maintenance", OK, "off", seconds)
+    return Row("maintenance", WARNING, f"unknown: {_last_line(output)}", seconds)
+
+
 def probes(settings: Settings) -> list[Probe]:
-    """Every check of health.check, as commands to run on the server (two probes)."""
-    return [http_probe(settings), docker_probe(settings)]
+    """Every check of health.check, as commands to run on the server (three probes)."""
+    return [http_probe(settings), docker_probe(settings), maintenance_probe(settings)]
 
 
 def probe_script(selected: list[Probe], timeout: float, parallel: bool = True) -> str:
@@ -581,7 +603,9 @@ def evaluate(settings: Settings, selected: list[Probe],
             continue
         rc, ms, output = results[p.id]
         seconds = round(ms / 1000, 3)
-        if p.parts and p.parts[0].startswith("docker:"):
+        if p.id == "maintenance":
+            rows.append(maintenance_row(rc, output, seconds))
+        elif p.parts and p.parts[0].startswith("docker:"):
             rows.extend(docker_rows(settings, p.parts, rc, output, timeout, seconds))
         elif p.parts:
             rows.extend(http_rows(settings, p.parts, rc, output, timeout, now))

@@ -634,7 +634,7 @@ def http_lines(settings: Settings) -> list[str]:
         url = f"https://{domain}:{port}{path}"
         lines.append(
             f"printf '%s %s\\n' {shlex.quote(path)} \"$(curl -sk -o /dev/null "
-            f"-w '%{{http_code}}' --max-time {timeout} "
+            f"-w '%{{http_code}}' --max-time {timeout} -H 'X-Maicivy-Check: health' "
             f"--resolve {shlex.quote(f'{domain}:{port}:{addr}')} {shlex.quote(url)})\" &"
         )
     lines.append("wait")

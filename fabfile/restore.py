@@ -49,6 +49,7 @@ from .core import host_for, ops_task, settings_for
 from .errors import OpsError
 from .host import Host
 from .lock import server_lock, stack_lock
+from .progress import step
 from .stack import compose, read_env
 
 
@@ -197,7 +198,8 @@ def restore_postgres(host: Host, settings: Settings, entry: Entry, *, safety_bac
             safety = run_backup(host, settings, "postgres", reason="pre-restore", offsite=False,
                                 prune=False, lock=False, label="safety")
             host.say(f"safety backup of the current database: {safety['name']}")
-        restore_into(host, settings, entry, new)
+        with step(f"restore {entry.name} into a new database {new}"):
+            restore_into(host, settings, entry, new)
         try:
             got = table_counts(host, settings, new)
             diff = count_differences(m["tables"], got)
@@ -354,7 +356,8 @@ def restore_redis(host: Host, settings: Settings, entry: Entry, *, safety_backup
                     raise OpsError(f"installing the RDB failed: "
                                    f"{failure_line(r.stderr, r.stdout)}")
                 _start(host, settings, "redis")
-                keys = _wait_redis(host, settings)
+                with step("redis: load the restored data"):
+                    keys = _wait_redis(host, settings)
                 if not low <= keys <= high:
                     raise OpsError(f"redis loaded {keys} keys, the backup has {high}"
                                    + (f" ({m.get('expires')} with a TTL)" if low != high else ""))

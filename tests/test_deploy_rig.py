@@ -158,8 +158,11 @@ def test_dry_run_prints_diffs_and_leaves_the_server_byte_identical(rig):
     assert re.search(r"^-.*rate=6000r/m;$", out, re.M)
     assert re.search(r"^\+.*rate=1200r/m;$", out, re.M)
     assert re.search(r"^\+    image: \S+/backend:v2$", out, re.M)
-    assert "[dry-run] would run: docker compose" in out and " pull --quiet" in out
-    assert "nginx -s reload" in out
+    assert re.search(r"^backend .* replace beside the old", out, re.M)
+    assert re.search(r"^nginx .* reload", out, re.M)
+    verbose = rig.deploy("--dry-run", "--verbose", config=config).stdout
+    assert "[dry-run] would run: docker compose" in verbose and " pull --quiet" in verbose
+    assert "nginx -s reload" in verbose
     assert tree_fingerprint(rig.root) == before_tree
     assert containers(PROJECT) == before_containers
 

@@ -61,7 +61,7 @@ def test_probe_ids_must_be_plain_names():
 def test_the_probes_cover_every_check_and_go_through_nginx_with_sni():
     s = settings(publish={"bind": "0.0.0.0", "https": 8443}, health={"timeout_seconds": 3})
     by_id = {p.id: p for p in health.probes(s)}
-    assert list(by_id) == ["http", "docker"]
+    assert list(by_id) == ["http", "docker", "maintenance"]
     assert by_id["docker"].parts == ("docker:prometheus", "docker:services", "docker:disk")
     http = by_id["http"]
     assert http.parts == ("frontend", "backend", "backend_deep", "grafana", "cert_0", "cert_1")
