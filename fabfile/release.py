@@ -239,7 +239,11 @@ def plan_script(settings: Settings, refs: Mapping[str, str], pull: bool,
         "set -e",
         'T=$(mktemp -d); trap \'rm -rf "$T"\' EXIT',
         f"{compose(settings, 'config', '--hash', '*')} > \"$T/hashes\" & hashes=$!",
-        f"{inspect_containers_cmd(settings)} > \"$T/containers\" & containers=$!",
+        # A container removed between ps and inspect (an interrupted deploy's): look again.
+        f"{{ {inspect_containers_cmd(settings)} || {{ sleep 1; "
+        f"{inspect_containers_cmd(settings)}; }}; }} > \"$T/containers\" & containers=$!",
+        # A failed job says what failed, after the others ended (they write into $T).
+        'fail() { echo "$1" >&2; wait; exit 1; }',
     ]
     if http:
         lines.append("{ " + "\n".join(http_lines(settings)) + "\n} > \"$T/http\" & http=$!")
@@ -250,7 +254,8 @@ def plan_script(settings: Settings, refs: Mapping[str, str], pull: bool,
         lines.append(f"printf '%s %s\\n' {q} \"$(docker image inspect --format '{{{{.Id}}}}' "
                      f"{q} 2>/dev/null || echo missing)\" > \"$T/image.{i}\" &")
     lines += [
-        'wait "$hashes"; wait "$containers"',
+        'wait "$hashes" || fail "docker compose config --hash failed"',
+        'wait "$containers" || fail "reading the containers (docker inspect) failed"',
         "wait",
         "echo '== hashes'; cat \"$T/hashes\"",
         "echo '== images'; cat \"$T\"/image.*",
