@@ -39,17 +39,21 @@ from .release import (
     BUSY,
     ROLLING,
     Plan,
+    Proof,
     ServerState,
     gate_failures,
     gate_script,
     image_refs,
     lock_script,
     log_line,
+    mounted_files,
     parse_images,
     parse_plan,
     parse_state,
     plan_script,
     probe_script,
+    proof_failures,
+    proof_lines,
     record_script,
     relative,
     reload_cmd,
@@ -62,7 +66,8 @@ from .release import (
     swap_cmd,
     up_cmd,
 )
-from .stack import remote_files
+from .render import COMPOSE_FILE, NGINX_CONF, embedded_config_id
+from .stack import ensure_certificates, remote_files
 
 
 class DeployFailed(OpsError):
@@ -257,17 +262,47 @@ def reload_changed(host: Host, settings: Settings, changed_rel, touched) -> None
                                f"{detail[-1] if detail else 'no output'}")
 
 
-def health_gate(host: Host, settings: Settings, attempts: int = 5) -> list[str]:
-    """[] when every service is healthy and the health URLs answer through nginx."""
+def health_gate(host: Host, settings: Settings, attempts: int = 5,
+                proof: Proof | None = None) -> list[str]:
+    """[] when every service is healthy and the health URLs answer through nginx.
+
+    With ``proof``, also when every service runs the files it should: the
+    bytes its container sees and the configuration it loaded (see
+    :func:`~fabfile.release.proof_failures`).
+    """
     problems: list[str] = []
+    script = gate_script(settings)
+    if proof is not None:
+        script += "\n" + "\n".join(proof_lines(settings, proof))
     for i in range(attempts):
-        r = host.check(gate_script(settings), sudo=True, timeout=120)
+        r = host.check(script, sudo=True, timeout=120)
         problems = gate_failures(r.stdout)
+        if proof is not None:
+            problems += proof_failures(r.stdout, proof)
         if not problems:
             return []
         if i + 1 < attempts:
             time.sleep(2)
     return problems
+
+
+def deployed_proof(settings: Settings, files) -> Proof:
+    """What the services must run after deploying ``files`` (absolute path -> bytes)."""
+    root = settings.root.rstrip("/")
+    by_rel = {p[len(root) + 1:]: data for p, data in files.items()}
+    return Proof(mounts=mounted_files(by_rel[COMPOSE_FILE].decode(), by_rel, root),
+                 expected={rel: sha256(data) for rel, data in by_rel.items()},
+                 nginx_config_id=embedded_config_id(by_rel.get(NGINX_CONF, b"")))
+
+
+def restored_proof(host: Host, settings: Settings, managed) -> Proof:
+    """What the services must run after a rollback: the files now on the server."""
+    root = settings.root.rstrip("/")
+    compose_file = host.read_file(f"{root}/{COMPOSE_FILE}", sudo=True).decode()
+    r = host.check(f"cat -- {shlex.quote(f'{root}/{NGINX_CONF}')}", sudo=True)
+    return Proof(mounts=mounted_files(compose_file, relative(settings, managed), root),
+                 expected=None,
+                 nginx_config_id=embedded_config_id(r.stdout.encode()) if r.ok else None)
 
 
 def _plan(host: Host, settings: Settings, refs, pull: bool, http: bool = False):
@@ -294,7 +329,7 @@ def roll_back(host: Host, settings: Settings, tar: str, managed, images, changed
     plan, _ = _plan(host, settings, refs, pull=False)
     touched = converge(host, settings, plan)
     reload_changed(host, settings, set(changed) | set(restored), touched)
-    problems = health_gate(host, settings)
+    problems = health_gate(host, settings, proof=restored_proof(host, settings, managed))
     if problems:
         raise OpsError(f"{host.name}: the previous release does not serve either after the "
                        f"rollback: {'; '.join(problems)}")
@@ -352,6 +387,18 @@ def _deploy_locked(host: Host, settings: Settings, files, state: ServerState,
         host.say(f"{host.name}: nothing changed (files, images and containers are current)")
         return "unchanged"
     try:
+        # nginx cannot start without a certificate: a fresh server gets
+        # self-signed stand-ins until ssl.obtain fetches real ones.
+        made = ensure_certificates(host, settings)
+        if made:
+            host.say(f"self-signed stand-in certificate created for {', '.join(made)} "
+                     "(run ssl.obtain for real ones)")
+    except OpsError as exc:
+        if changed:
+            restore(host, settings, f"{d}/pre/files.tar", managed, {})
+        raise OpsError(f"{host.name}: creating the stand-in certificates failed, nothing "
+                       f"deployed: {exc}") from exc
+    try:
         _pre_deploy_backup(host, settings, plan)
     except OpsError as exc:
         if changed:
@@ -363,7 +410,7 @@ def _deploy_locked(host: Host, settings: Settings, files, state: ServerState,
     try:
         touched = converge(host, settings, plan)
         reload_changed(host, settings, changed_rel, touched)
-        problems = health_gate(host, settings)
+        problems = health_gate(host, settings, proof=deployed_proof(settings, files))
         if problems:
             raise DeployFailed("health gate: " + "; ".join(problems))
     except DeployFailed as exc:

@@ -27,7 +27,7 @@ from .config import PROJECT_ROOT, Settings
 from .errors import OpsError
 from .host import Host, upload_if_changed
 from .release import sections, state_dir
-from .stack import fill_env, parse_env, remote_files, unset_secrets
+from .stack import ensure_certificates, fill_env, parse_env, remote_files, unset_secrets
 
 UNIT_PATH = "/etc/systemd/system/maicivy.service"
 SETTINGS_PATH = "/etc/maicivy/maicivy.yaml"
@@ -349,6 +349,17 @@ def step_packages(host: Host, facts: Facts, report: Report) -> None:
     report.changed(f"installed packages {', '.join(missing)}")
 
 
+def step_certificates(host: Host, settings: Settings, report: Report) -> None:
+    """Self-signed stand-ins where no certificate exists: the first deploy's nginx
+    can start; ssl.obtain then fetches the real ones."""
+    made = ensure_certificates(host, settings)
+    if made:
+        report.changed(f"self-signed stand-in certificates for {', '.join(made)} "
+                       "(run ssl.obtain after the first deploy)")
+    elif not host.dry_run:
+        report.ok("a certificate for every name")
+
+
 def step_files(host: Host, settings: Settings, report: Report) -> dict[str, bytes]:
     root = settings.root.rstrip("/")
     rendered = remote_files(settings)
@@ -452,6 +463,7 @@ def provision_host(host: Host, settings: Settings) -> Report:
         report.changed(f"directories {', '.join(made)}")
     else:
         report.ok("directories and modes")
+    step_certificates(host, settings, report)
     rendered = remote_files(settings)
     info = step_files(host, settings, report)
     step_env(host, settings, rendered[f"{settings.root.rstrip('/')}/.env.production.example"],
