@@ -309,6 +309,10 @@ def _plan(host: Host, settings: Settings, refs, pull: bool, http: bool = False):
     """(Pull,) read the stack's state and plan; returns (plan, raw output)."""
     r = host.run(plan_script(settings, refs, pull, http), sudo=True, warn=True, timeout=1800)
     if r.failed:
+        refused = sections(r.stdout).get("login-failed")
+        if refused:
+            raise OpsError(f"{host.name}: docker login to {refused[0]}; check "
+                           f"REGISTRY_USERNAME and REGISTRY_PASSWORD in {settings.env_file}")
         detail = (r.stderr or r.stdout).strip().splitlines()
         what = "docker compose pull" if pull else "reading the stack's state"
         raise OpsError(f"{host.name}: {what} failed: {detail[-1] if detail else 'no output'}")

@@ -215,6 +215,7 @@ def plan_script(settings: Settings, refs: Mapping[str, str], pull: bool,
     if http:
         lines.append("{ " + "\n".join(http_lines(settings)) + "\n} > \"$T/http\" & http=$!")
     if pull:
+        lines += login_lines(settings, [settings.image(s) for s in ROLLING])
         lines.append(compose(settings, "pull", "--quiet"))
     for i, ref in enumerate(sorted(set(refs.values()))):
         q = shlex.quote(ref)
@@ -230,6 +231,45 @@ def plan_script(settings: Settings, refs: Mapping[str, str], pull: bool,
     if http:
         lines.append('cat "$T/http"')
     return "\n".join(lines)
+
+
+def registry_host(ref: str) -> str:
+    """The registry an image reference is pulled from ("" for Docker Hub)."""
+    first, sep, _rest = ref.partition("/")
+    if sep and ("." in first or ":" in first or first == "localhost"):
+        return first
+    return ""
+
+
+def login_lines(settings: Settings, refs: Iterable[str]) -> list[str]:
+    """``docker login`` to the app images' registries when .env has credentials.
+
+    REGISTRY_USERNAME / REGISTRY_PASSWORD are read from the server's .env by the
+    shell; the password reaches docker on its stdin (printf is a builtin: never
+    in a process's argv, never in our output). A refused login prints
+    ``== login-failed REGISTRY: reason`` and stops (exit 3).
+    """
+    hosts = sorted({registry_host(r) for r in refs})
+    env = shlex.quote(settings.env_file)
+    unquote = 'case "$1" in \\"*\\"|\\\'*\\\') v=${1#?}; v=${v%?};; *) v=$1;; esac'
+    lines = [
+        f"_env() {{ sed -n \"s/^$1=//p\" {env} 2>/dev/null | tail -n 1; }}",
+        f"_unq() {{ {unquote}; printf '%s' \"$v\"; }}",
+        'RU=$(_unq "$(_env REGISTRY_USERNAME)"); RP=$(_unq "$(_env REGISTRY_PASSWORD)")',
+        'if [ -n "$RU" ] && [ -n "$RP" ]; then',
+    ]
+    for h in hosts:
+        where = shlex.quote(h) if h else ""
+        label = shlex.quote(h or "docker.io")
+        lines += [
+            f"  if ! printf '%s' \"$RP\" | docker login --username \"$RU\" --password-stdin "
+            f"{where} >/dev/null 2>\"$T/login\"; then",
+            f"    echo \"== login-failed {label}: $(grep -v '^WARNING' \"$T/login\" | tail -n 1)\"",
+            "    exit 3",
+            "  fi",
+        ]
+    lines += ["fi", "unset RP"]
+    return lines
 
 
 @dataclass

@@ -214,3 +214,46 @@ def test_restarted_backend_is_found_again_without_an_nginx_reload(rig):
     assert new_ip and new_ip != old_ip, (old_ip, new_ip)
     assert status == 200, f"/health still answers {status} after the backend restarted"
     assert pids(docker("top", nginx)) == workers  # the same processes: no reload
+
+
+def test_private_images_are_pulled_with_the_credentials_in_env(rig, tmp_path):
+    """REGISTRY_USERNAME / REGISTRY_PASSWORD in the server's .env: deploy logs in
+    (password on docker's stdin) before it pulls."""
+    from registry_support import AuthRegistry
+    from rig.images import BACKEND_V2
+
+    registry = AuthRegistry(tmp_path).start()
+    env_file = rig.root / ".env"
+    original = env_file.read_text()
+    ref = None
+    try:
+        ref = registry.push(BACKEND_V2, "maicivy/backend:v2")
+        # No credentials yet: the pull is refused, nothing changes.
+        proc = rig.deploy(images={"backend": ref})
+        assert proc.returncode != 0
+        assert "docker compose pull failed" in proc.stderr, proc.stderr
+        assert "rate=6000r/m" in (rig.root / "docker/nginx/nginx.conf").read_text()
+        assert f"{ref}" not in (rig.root / "docker/docker-compose.prod.yml").read_text()
+        # A wrong password: one line naming the registry and the .env keys.
+        env_file.write_text(original + f"REGISTRY_USERNAME={registry.user}\n"
+                                       "REGISTRY_PASSWORD=not-the-password\n")
+        proc = rig.deploy(images={"backend": ref})
+        assert proc.returncode != 0
+        assert f"docker login to {registry.host}:" in proc.stderr, proc.stderr
+        assert "check REGISTRY_USERNAME and REGISTRY_PASSWORD" in proc.stderr
+        # The right one, quoted as a .env may have it.
+        env_file.write_text(original + f"REGISTRY_USERNAME={registry.user}\n"
+                                       f"REGISTRY_PASSWORD='{registry.password}'\n")
+        proc = rig.deploy(images={"backend": ref})
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0, out
+        assert registry.password not in out
+        assert registry.password not in (rig.root / ".deploy/deploy.log").read_text()
+        status, body = get(rig.settings.domain, rig.settings.publish.https, "/health")
+        assert status == 200 and json.loads(body)["version"] == "v2"
+        assert docker("inspect", "-f", "{{.Config.Image}}", container("backend")).strip() == ref
+    finally:
+        env_file.write_text(original)
+        registry.stop()
+        if ref:
+            docker("rmi", ref, check=False)
