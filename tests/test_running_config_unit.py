@@ -84,3 +84,49 @@ def test_proof_lines_ask_the_running_containers():
     assert "wget -qO- -T 5 http://127.0.0.1:8099/config-id" in script
     assert "prometheus_config_last_reload_success" in script
     assert "label=com.docker.compose.service=nginx" in script
+
+
+def test_registry_of_an_image_reference():
+    from fabfile.release import registry_host
+
+    assert registry_host("ghcr.io/acme/backend:1") == "ghcr.io"
+    assert registry_host("127.0.0.1:5000/maicivy/backend:v1") == "127.0.0.1:5000"
+    assert registry_host("localhost/x") == "localhost"
+    assert registry_host("acme/backend:1") == ""  # Docker Hub
+    assert registry_host("nginx:1.27-alpine") == ""
+
+
+def test_login_gives_the_password_on_stdin_only(tmp_path):
+    """The login lines, run by a real shell against a recording ``docker``."""
+    import os
+    import subprocess
+
+    from fabfile.release import login_lines
+
+    password = "s3cret 'with' $pecial \"chars\""
+    env = tmp_path / ".env"
+    env.write_text(f"REGISTRY_USERNAME=deployer\nREGISTRY_PASSWORD='{password}'\n")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "docker").write_text(
+        '#!/bin/sh\nprintf "%s\\n" "$*" >> "$LOG.argv"\ncat >> "$LOG.stdin"\n'
+        'printf "\\n" >> "$LOG.stdin"\n')
+    (bin_dir / "docker").chmod(0o755)
+    s = settings(root=str(tmp_path))
+    script = "\n".join(["set -e", f"T={tmp_path}", *login_lines(
+        s, ["ghcr.io/acme/backend:1", "ghcr.io/acme/frontend:1", "127.0.0.1:5000/x:1"])])
+    proc = subprocess.run(["sh", "-c", script], capture_output=True, text=True,
+                          env={**os.environ, "PATH": f"{bin_dir}:/usr/bin:/bin",
+                               "LOG": str(tmp_path / "log")})
+    assert proc.returncode == 0, proc.stderr
+    argv = (tmp_path / "log.argv").read_text().splitlines()
+    assert argv == ["login --username deployer --password-stdin 127.0.0.1:5000",
+                    "login --username deployer --password-stdin ghcr.io"]
+    assert (tmp_path / "log.stdin").read_text().splitlines() == [password, password]
+    assert password not in script and password not in proc.stdout + proc.stderr
+    # No credentials: no login at all.
+    env.write_text("REGISTRY_USERNAME=\nREGISTRY_PASSWORD=\n")
+    (tmp_path / "log.argv").unlink()
+    subprocess.run(["sh", "-c", script], check=True, env={
+        **os.environ, "PATH": f"{bin_dir}:/usr/bin:/bin", "LOG": str(tmp_path / "log")})
+    assert not (tmp_path / "log.argv").exists()
