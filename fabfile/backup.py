@@ -93,12 +93,13 @@ def manifest_path(settings: Settings, kind: str, name: str) -> str:
 # --- the two kinds ----------------------------------------------------------------
 
 
-def _manifest_base(kind: str, facts: dict, reason: str) -> dict:
-    """What every manifest records: name, times, file, size, checksum, compression."""
+def _manifest_base(kind: str, facts: dict, reason: str, label: str = "") -> dict:
+    """What every manifest records: name, label, times, file, size, checksum, compression."""
     return {
         "format": MANIFEST_FORMAT,
         "kind": kind,
         "name": facts["name"],
+        "label": label,
         "reason": reason,
         "created_at": _epoch_iso(facts["started"]),
         "finished_at": _epoch_iso(facts["finished"]),
@@ -112,9 +113,9 @@ def _manifest_base(kind: str, facts: dict, reason: str) -> dict:
     }
 
 
-def _postgres_manifest(facts: dict, counts: dict, reason: str) -> dict:
+def _postgres_manifest(facts: dict, counts: dict, reason: str, label: str = "") -> dict:
     return {
-        **_manifest_base("postgres", facts, reason),
+        **_manifest_base("postgres", facts, reason, label),
         "dump_format": "pg_dump custom format (-Fc -Z0), compressed on the server",
         "globals": {
             "file": facts["globals_file"],
@@ -130,9 +131,9 @@ def _postgres_manifest(facts: dict, counts: dict, reason: str) -> dict:
     }
 
 
-def _redis_manifest(facts: dict, reason: str) -> dict:
+def _redis_manifest(facts: dict, reason: str, label: str = "") -> dict:
     return {
-        **_manifest_base("redis", facts, reason),
+        **_manifest_base("redis", facts, reason, label),
         "lastsave": int(facts.get("lastsave") or 0),
         "keys": int(facts.get("keys") or 0),
         "expires": int(facts.get("expires") or 0),
@@ -145,23 +146,41 @@ def _redis_manifest(facts: dict, reason: str) -> dict:
     }
 
 
-def _make_backup(host: Host, settings: Settings, kind: str, reason: str) -> dict:
+def _make_backup(host: Host, settings: Settings, kind: str, reason: str,
+                 label: str = "") -> dict:
     """Run the server-side script of ``kind`` and write the manifest (under the lock)."""
     if kind == "postgres":
-        facts, counts = _run_script(host, pg_backup_script(settings), "postgres backup failed")
-        manifest = _postgres_manifest(facts, counts, reason)
+        facts, counts = _run_script(host, pg_backup_script(settings, label=label),
+                                    "postgres backup failed")
+        manifest = _postgres_manifest(facts, counts, reason, label)
         checks = ["sha256", "decompress", "pg_restore -f - (whole archive)",
                   "globals decompress"]
     else:
-        facts, _ = _run_script(host, redis_backup_script(settings), "redis backup failed")
-        manifest = _redis_manifest(facts, reason)
+        facts, _ = _run_script(host, redis_backup_script(settings, label=label),
+                               "redis backup failed")
+        manifest = _redis_manifest(facts, reason, label)
         checks = ["sha256", "decompress", "redis-check-rdb"]
     manifest["verification"] = {"ok": True, "checks": checks, "verified_at": iso(utc_now())}
     path = manifest_path(settings, kind, manifest["name"])
-    host.write_file(path, manifest_json(manifest), mode=0o600, sudo=True)
-    host.run(f"sync -- {shlex.quote(path)} {shlex.quote(kind_dir(settings, kind))}",
-             sudo=True, warn=True)
+    try:
+        host.write_file(path, manifest_json(manifest), mode=0o600, sudo=True)
+    except OpsError as exc:
+        # Without its manifest the backup does not exist: take its data files away.
+        d = kind_dir(settings, kind)
+        data = [f"{d}/{f}" for f in _data_files(manifest)]
+        host.run("rm -f -- " + " ".join(shlex.quote(p) for p in data), sudo=True, warn=True)
+        raise BackupFailed(f"{kind} backup failed: {exc} (its data files were removed; "
+                           "older backups are untouched)") from exc
+    host.run(f"sync -- {shlex.quote(kind_dir(settings, kind))}", sudo=True, warn=True)
     return manifest
+
+
+def _data_files(manifest: dict) -> list[str]:
+    """The data file names a manifest lists (archive, then globals)."""
+    files = [manifest["file"]]
+    if manifest.get("globals"):
+        files.append(manifest["globals"]["file"])
+    return files
 
 
 def _remove_incomplete(host: Host, settings: Settings, kind: str) -> list[str]:
@@ -191,7 +210,7 @@ def _offsite(host: Host, settings: Settings, manifest: dict) -> dict:
         reader = s3mod.ServerReader(host, f"{d}/{fname}")
         try:
             up = s3mod.upload(s3, bucket, s3mod.object_key(settings, kind, fname), reader,
-                              sha256=sha, size=size)
+                              sha256=sha, size=size, sse=settings.backup.s3.sse)
         finally:
             try:
                 reader.close()
@@ -202,7 +221,7 @@ def _offsite(host: Host, settings: Settings, manifest: dict) -> dict:
     manifest = {**manifest, "offsite": record}
     # The manifest goes up last: in the bucket too, it marks a complete copy.
     s3mod.put_small(s3, bucket, s3mod.object_key(settings, kind, manifest["name"] + ".json"),
-                    manifest_json(manifest).encode())
+                    manifest_json(manifest).encode(), sse=settings.backup.s3.sse)
     path = manifest_path(settings, kind, manifest["name"])
     host.write_file(path, manifest_json(manifest), mode=0o600, sudo=True)
     return record
@@ -210,16 +229,39 @@ def _offsite(host: Host, settings: Settings, manifest: dict) -> dict:
 
 def apply_retention(host: Host, settings: Settings, kind: str, *, dry_run: bool = False,
                     quiet: bool = False) -> list:
-    """Delete what the retention plan says may go (only verified backups count)."""
+    """Delete what the retention plan says may go (only verified backups count).
+
+    Before anything is deleted, the backups that min_keep and the keep tiers
+    count on are re-checked (size and sha256 against their manifests, in one
+    round trip): a bad one does not count, is reported and kept aside, and the
+    plan is made again, so the last good backup is never deleted.
+    """
+    from dataclasses import replace
+
     entries = list_backups(host, settings).get(kind, [])
-    decisions = plan(
-        [e.as_backup() for e in entries],
-        now=utc_now(),
-        retention_days=settings.backup.retention_days[kind],
-        min_keep=settings.backup.min_keep,
-        keep=settings.backup.keep,
-    )
     by_name = {e.name: e for e in entries}
+    bad: dict[str, str] = {}
+    checked: set[str] = set()
+    while True:
+        decisions = plan(
+            [replace(e.as_backup(), bad=bad.get(e.name, "")) for e in entries],
+            now=utc_now(),
+            retention_days=settings.backup.retention_days[kind],
+            min_keep=settings.backup.min_keep,
+            keep=settings.backup.keep,
+        )
+        if not any(not d.keep for d in decisions):
+            break  # nothing goes: nothing depends on what is counted
+        unchecked = [by_name[d.backup.name] for d in decisions
+                     if d.counted and d.backup.name not in checked]
+        if not unchecked:
+            break
+        checked.update(e.name for e in unchecked)
+        found = bad_backups(host, settings, unchecked)
+        for name, why in found.items():
+            host.say(f"warning: {kind} backup {name} is BAD ({why}): it does not count "
+                     "towards retention and is kept aside; see backup.list")
+        bad.update(found)
     doomed = [p for d in decisions if not d.keep for p in by_name[d.backup.name].paths(settings)]
     for line in format_plan(decisions):
         if not quiet or line.startswith("delete"):
@@ -227,6 +269,32 @@ def apply_retention(host: Host, settings: Settings, kind: str, *, dry_run: bool 
     if doomed and not dry_run:
         host.run("rm -f -- " + " ".join(shlex.quote(p) for p in doomed), sudo=True)
     return decisions
+
+
+def bad_backups(host: Host, settings: Settings, entries: list[Entry]) -> dict[str, str]:
+    """``{name: why}`` of the complete backups whose files differ from their manifest
+    (size from the listing, sha256 read back: one round trip for all of them)."""
+    wanted: dict[str, tuple[str, str, int, str]] = {}
+    for e in entries:
+        m = e.manifest or {}
+        files = [(m.get("file"), m.get("sha256"), m.get("size"))]
+        if m.get("globals"):
+            g = m["globals"]
+            files.append((g.get("file"), g.get("sha256"), g.get("size")))
+        for fname, sha, size in files:
+            wanted[f"{e.dir(settings)}/{fname}"] = (e.name, sha, size, fname)
+    sums = host.hashes(wanted, sudo=True)
+    bad: dict[str, str] = {}
+    by_name = {e.name: e for e in entries}
+    for path, (name, sha, size, fname) in wanted.items():
+        if name in bad:
+            continue
+        if by_name[name].files.get(fname) != size:
+            bad[name] = f"{fname} is {by_name[name].files.get(fname, 'missing')} bytes, " \
+                        f"its manifest says {size}"
+        elif sums.get(path) != sha:
+            bad[name] = f"sha256 of {fname} differs from its manifest"
+    return bad
 
 
 def run_backup(
@@ -239,9 +307,13 @@ def run_backup(
     prune: bool = True,
     task: str | None = None,
     lock: bool = True,
+    label: str = "",
 ) -> dict:
     """One complete, verified backup of ``kind``: lock, dump, check, manifest, metrics,
-    off-site copy (if configured), retention. Returns the manifest; raises OpsError."""
+    off-site copy (if configured), retention. Returns the manifest; raises OpsError.
+
+    ``label="safety"`` marks the copy a restore takes of what it replaces (in
+    its name and manifest): it is never "the latest" for restore or verify."""
     if kind not in KINDS:
         raise OpsError(f"unknown backup kind {kind!r}; use one of {', '.join(KINDS)}")
     start = time.time()
@@ -254,7 +326,7 @@ def run_backup(
             host.run(f"install -d -m 700 -- {shlex.quote(settings.backup.dir)} "
                      f"{shlex.quote(kind_dir(settings, kind))}", sudo=True)
             _remove_incomplete(host, settings, kind)
-            manifest = _make_backup(host, settings, kind, reason)
+            manifest = _make_backup(host, settings, kind, reason, label)
         except BaseException as exc:
             try:
                 write_metrics(host, settings, kind, ok=False, ended=time.time(),
@@ -288,7 +360,8 @@ def _summary(m: dict, duration: float) -> str:
     else:
         content = f"{m['keys']} keys"
     where = " + off-site" if m.get("offsite") else ""
-    return (f"{m['kind']} backup {m['name']}: {m['file']} {_human(m['size'])}, {content}, "
+    what = f"{m['label']} backup" if m.get("label") else "backup"
+    return (f"{m['kind']} {what} {m['name']}: {m['file']} {_human(m['size'])}, {content}, "
             f"sha256 {m['sha256'][:12]}, verified{where}, {duration:.1f}s")
 
 
@@ -520,7 +593,8 @@ def list_(c, quick=False, kind="all"):
     """Table of the backups on the server (and in S3 when configured).
 
     Columns: kind, name, time (UTC), size, checksum (ok / BAD / - with --quick),
-    off-site copy. Incomplete files (no manifest) are listed as such.
+    off-site copy, label ("safety": the copy a restore took of what it replaced).
+    Incomplete files (no manifest) are listed as such.
     """
     settings = settings_for(c)
     host = host_for(c, settings)
@@ -531,16 +605,19 @@ def list_(c, quick=False, kind="all"):
     if not quick:
         sums = host.hashes([f"{kind_dir(settings, e.kind)}/{e.manifest['file']}"
                             for e in rows if e.complete], sudo=True)
-    host.say(f"{'KIND':<9}{'NAME':<34}{'TIME (UTC)':<18}{'SIZE':>11}  {'CHECKSUM':<9}OFF-SITE")
+    host.say(f"{'KIND':<9}{'NAME':<36}{'TIME (UTC)':<18}{'SIZE':>11}  {'CHECKSUM':<9}"
+             f"{'OFF-SITE':<9}LABEL")
     for e in rows:
         when = e.created.strftime("%Y-%m-%d %H:%M")
         if not e.complete:
-            host.say(f"{e.kind:<9}{e.name:<34}{when:<18}{_human(e.size):>11}  incomplete")
+            host.say(f"{e.kind:<9}{e.name:<36}{when:<18}{_human(e.size):>11}  incomplete")
             continue
         path = f"{kind_dir(settings, e.kind)}/{e.manifest['file']}"
         status = "-" if quick else ("ok" if sums.get(path) == e.manifest["sha256"] else "BAD")
         off = "yes" if e.manifest.get("offsite") else "no"
-        host.say(f"{e.kind:<9}{e.name:<34}{when:<18}{_human(e.size):>11}  {status:<9}{off}")
+        label = f"{e.label} ({e.manifest.get('reason', '')})" if e.label else ""
+        host.say(f"{e.kind:<9}{e.name:<36}{when:<18}{_human(e.size):>11}  {status:<9}"
+                 f"{off:<9}{label}".rstrip())
     if s3mod.configured(settings):
         s3 = s3mod.client(settings, read_env(host, settings))
         bucket = settings.backup.s3.bucket
@@ -555,11 +632,12 @@ def list_(c, quick=False, kind="all"):
                 name = fname.split(".", 1)[0]
                 complete = "complete" if f"{name}.json" in names else "no manifest"
                 when = o["LastModified"].strftime("%Y-%m-%d %H:%M")
-                host.say(f"{k:<9}{name:<34}{when:<18}{_human(o['Size']):>11}  {complete}")
+                host.say(f"{k:<9}{name:<36}{when:<18}{_human(o['Size']):>11}  {complete}")
 
 
 @ops_task(help={
-    "backup": "backup name or file (default: the latest verified one)",
+    "backup": "backup name or file, or 'safety' (default: the latest verified one, "
+              "never a restore's safety copy)",
     "kind": "postgres (default: full restore drill), redis (RDB check) or all",
 })
 def verify(c, backup="", kind="postgres"):

@@ -4,6 +4,9 @@ Rules, in this order of strength:
 
 * only *verified* backups (a manifest saying so) count; a data file without
   a manifest is not a backup and is removed as "incomplete";
+* a backup whose files no longer match its manifest (sha256 or size, re-checked
+  before anything is deleted) is *bad*: it never counts, is kept aside and
+  reported, never silently deleted;
 * the newest ``min_keep`` verified backups are always kept (so the newest good
   one is never deleted);
 * backups younger than ``retention_days`` are kept;
@@ -31,6 +34,7 @@ class Backup:
     verified: bool = True
     files: tuple[str, ...] = ()
     size: int = 0
+    bad: str = ""  # why its files no longer match its manifest ("" = not known bad)
 
 
 @dataclass
@@ -38,6 +42,7 @@ class Decision:
     backup: Backup
     keep: bool
     reasons: list[str] = field(default_factory=list)
+    counted: bool = False  # kept by a rule that counts backups (min_keep, last, tiers)
 
     @property
     def reason(self) -> str:
@@ -65,15 +70,19 @@ def plan(
         now = now.replace(tzinfo=UTC)
     items = sorted(backups, key=lambda b: (b.created, b.name), reverse=True)
     decisions = {b.name: Decision(b, False) for b in items}
-    good = [b for b in items if b.verified]
+    good = [b for b in items if b.verified and not b.bad]
 
     for b in items:
         if not b.verified:
             decisions[b.name].reasons.append("incomplete (no manifest of a verified backup)")
+        elif b.bad:
+            d = decisions[b.name]
+            d.keep = True
+            d.reasons.append(f"BAD: {b.bad}; kept aside for inspection, not counted")
 
     for b in good[:min_keep]:
         d = decisions[b.name]
-        d.keep = True
+        d.keep = d.counted = True
         d.reasons.append(f"one of the newest {min_keep} (min_keep)")
 
     horizon = now - timedelta(days=retention_days)
@@ -85,7 +94,7 @@ def plan(
 
     for b in good[: keep.get("last", 0)]:
         d = decisions[b.name]
-        d.keep = True
+        d.keep = d.counted = True
         d.reasons.append(f"last {keep['last']}")
 
     for tier, period in TIERS.items():
@@ -101,7 +110,7 @@ def plan(
                 break
             seen.append(p)
             d = decisions[b.name]
-            d.keep = True
+            d.keep = d.counted = True
             d.reasons.append(f"{tier} {p}")
 
     for b in good:

@@ -58,9 +58,14 @@ def client(settings: Settings, env: dict[str, str]):
     key_id = env.get("AWS_ACCESS_KEY_ID", "")
     secret = env.get("AWS_SECRET_ACCESS_KEY", "")
     if not key_id or not secret:
+        why = ("backup.s3.bucket is set but" if settings.backup.s3.bucket
+               else "reading from S3 needs credentials:")
         raise OpsError(
-            "backup.s3.bucket is set but AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY are "
-            f"empty in {settings.env_file}; add them there (or unset backup.s3.bucket)"
+            f"{why} AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY are empty in "
+            f"{settings.env_file}; set them there"
+            + (" (or unset backup.s3.bucket)" if settings.backup.s3.bucket else
+               ", and backup.s3.endpoint / backup.s3.region if the bucket is not on AWS "
+               "us-east-1")
         )
     s3 = settings.backup.s3
     config = Config(
@@ -187,8 +192,13 @@ def upload(
     sha256: str,
     size: int,
     part_size: int = PART_SIZE,
+    sse: str = "AES256",
 ) -> Uploaded:
-    """Stream ``reader`` to ``bucket/key`` part by part and verify what S3 stored."""
+    """Stream ``reader`` to ``bucket/key`` part by part and verify what S3 stored.
+
+    ``sse``: server-side encryption asked for (and checked) on the object; '' for none.
+    """
+    encryption = {"ServerSideEncryption": sse} if sse else {}
     digest = hashlib.sha256()
     md5s: list[bytes] = []
     upload_id = None
@@ -203,12 +213,12 @@ def upload(
                 raise OpsError(f"{key}: the file changed since it was verified "
                                "(checksum differs); not uploaded")
             s3.put_object(Bucket=bucket, Key=key, Body=chunk, Metadata=metadata,
-                          ContentMD5=base64.b64encode(md5).decode())
+                          ContentMD5=base64.b64encode(md5).decode(), **encryption)
             md5s.append(md5)
             sent = len(chunk)
         else:
             upload_id = s3.create_multipart_upload(
-                Bucket=bucket, Key=key, Metadata=metadata)["UploadId"]
+                Bucket=bucket, Key=key, Metadata=metadata, **encryption)["UploadId"]
             parts = []
             number = 1
             while chunk:
@@ -241,11 +251,13 @@ def upload(
                 s3.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
             except Exception:  # best effort; a lifecycle rule cleans up otherwise
                 pass
-    return verify_object(s3, bucket, key, size=sent, etag=expected_etag(md5s), parts=len(md5s))
+    return verify_object(s3, bucket, key, size=sent, etag=expected_etag(md5s), parts=len(md5s),
+                         sse=sse)
 
 
-def verify_object(s3, bucket: str, key: str, *, size: int, etag: str, parts: int = 1) -> Uploaded:
-    """Check that ``bucket/key`` has this size and ETag; raise OpsError if not."""
+def verify_object(s3, bucket: str, key: str, *, size: int, etag: str, parts: int = 1,
+                  sse: str = "") -> Uploaded:
+    """Check that ``bucket/key`` has this size and ETag (and ``sse`` encryption, if given)."""
     try:
         head = s3.head_object(Bucket=bucket, Key=key)
     except Exception as exc:
@@ -255,6 +267,11 @@ def verify_object(s3, bucket: str, key: str, *, size: int, etag: str, parts: int
         raise OpsError(
             f"s3://{bucket}/{key} does not match the backup (size {head.get('ContentLength')} "
             f"vs {size}, ETag {got_etag} vs {etag})")
+    if sse and head.get("ServerSideEncryption") != sse:
+        raise OpsError(
+            f"s3://{bucket}/{key} is stored without {sse} server-side encryption (the service "
+            f"reports {head.get('ServerSideEncryption') or 'none'}); set backup.s3.sse to '' "
+            "only if this service cannot encrypt")
     return Uploaded(key, size, etag, parts)
 
 
@@ -280,14 +297,15 @@ def get_small(s3, bucket: str, key: str) -> bytes:
         raise OpsError(f"cannot read s3://{bucket}/{key}: {_why(exc)}") from exc
 
 
-def put_small(s3, bucket: str, key: str, data: bytes) -> None:
+def put_small(s3, bucket: str, key: str, data: bytes, sse: str = "AES256") -> None:
     md5 = hashlib.md5(data).digest()  # noqa: S324
+    encryption = {"ServerSideEncryption": sse} if sse else {}
     try:
         s3.put_object(Bucket=bucket, Key=key, Body=data,
-                      ContentMD5=base64.b64encode(md5).decode())
+                      ContentMD5=base64.b64encode(md5).decode(), **encryption)
     except Exception as exc:
         raise OpsError(f"upload of s3://{bucket}/{key} failed: {_why(exc)}") from exc
-    verify_object(s3, bucket, key, size=len(data), etag=md5.hex())
+    verify_object(s3, bucket, key, size=len(data), etag=md5.hex(), sse=sse)
 
 
 def list_objects(s3, bucket: str, prefix: str) -> list[dict]:

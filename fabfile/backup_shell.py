@@ -54,7 +54,9 @@ COUNT_ROWS_SQL = (
     "AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%' ORDER BY 1"
 )
 
-NAME_RE = re.compile(r"^(postgres|redis)-[0-9]{8}T[0-9]{6}Z(-[0-9]+)?$")
+# A backup's name: KIND-<UTC stamp>[-n][-LABEL]; a label marks a safety copy.
+LABELS = ("safety",)
+NAME_RE = re.compile(r"^(postgres|redis)-[0-9]{8}T[0-9]{6}Z(-[0-9]+)?(-safety)?$")
 
 HEADER = r"""set -Eeuo pipefail
 umask 077
@@ -104,6 +106,19 @@ def q(value: str) -> str:
     return shlex.quote(str(value))
 
 
+# Variables of the generated scripts that a message may name (expanded by bash).
+MESSAGE_VARS = ("dir", "tmp", "gtmp", "archive", "data", "gdata")
+
+
+def dq(text: str) -> str:
+    """``text`` as a bash double-quoted word: inert, except ``$dir``-style references
+    to the scripts' own variables (:data:`MESSAGE_VARS`), which expand to real paths."""
+    escaped = re.sub(r'([\\"`$])', r"\\\1", str(text))
+    for var in MESSAGE_VARS:
+        escaped = re.sub(r"\\\$(\{" + var + r"\}|" + var + r"\b)", r"$\1", escaped)
+    return f'"{escaped}"'
+
+
 def kind_dir(settings: Settings, kind: str) -> str:
     return f"{settings.backup.dir.rstrip('/')}/{kind}"
 
@@ -117,12 +132,16 @@ def exec_in(settings: Settings, service: str, script: str, *args: str) -> str:
     return compose(settings, "exec", "-T", service, "sh", "-c", script, "sh", *args)
 
 
-def _new_name(kind: str) -> str:
-    """Bash: choose a fresh backup name ``KIND-<UTC stamp>[-n]`` into $name."""
+def _new_name(kind: str, label: str = "") -> str:
+    """Bash: choose a fresh backup name ``KIND-<UTC stamp>[-n][-LABEL]`` into $name."""
+    if label and label not in LABELS:
+        raise ValueError(f"unknown backup label {label!r}")
+    suffix = f"-{label}" if label else ""
     return (
-        f'stamp=$(date -u +%Y%m%dT%H%M%SZ); name={kind}-$stamp; i=1\n'
-        f'while compgen -G "$dir/$name.*" >/dev/null || compgen -G "$dir/.$name.*" >/dev/null; '
-        f'do i=$((i+1)); name={kind}-$stamp-$i; done\n'
+        f'stamp=$(date -u +%Y%m%dT%H%M%SZ); name={kind}-$stamp{suffix}; i=1\n'
+        f'while compgen -G "$dir/{kind}-$stamp*" >/dev/null || '
+        f'compgen -G "$dir/.{kind}-$stamp*" >/dev/null; '
+        f'do i=$((i+1)); stamp=${{stamp%%-*}}-$i; name={kind}-$stamp{suffix}; done\n'
         'echo "name=$name"\n'
     )
 
@@ -134,7 +153,7 @@ def _pipe_status(labels: tuple[str, ...], writer_first: bool) -> str:
     if writer_first:  # a writer that fails (disk full) also kills the stages before it
         order.reverse()
     for i, label in order:
-        lines.append(f'[ "${{st[{i}]}}" = 0 ] || fail {q(label)}" (exit ${{st[{i}]}})"')
+        lines.append(f'[ "${{st[{i}]}}" = 0 ] || fail {dq(label)}" (exit ${{st[{i}]}})"')
     return "\n".join(lines) + "\n"
 
 
@@ -209,7 +228,8 @@ def pg_verify_stream(settings: Settings, archive: str = '"$tmp"') -> str:
     )
 
 
-def pg_backup_script(settings: Settings, compression: str | None = None) -> str:
+def pg_backup_script(settings: Settings, compression: str | None = None,
+                     label: str = "") -> str:
     """Dump, compress, fsync, verify and rename one Postgres backup; print its facts."""
     d = kind_dir(settings, "postgres")
     compression = compression or settings.backup.compression
@@ -234,7 +254,7 @@ def pg_backup_script(settings: Settings, compression: str | None = None) -> str:
         + 'echo "server_version=$(sed -n 2p <<<"$versions")"\n'
         + 'echo "database=$(sed -n 3p <<<"$versions")"\n'
         + 'echo "compressor=$ZTOOL"\n'
-        + _new_name("postgres")
+        + _new_name("postgres", label)
         + 'data=$dir/$name.dump.$ZEXT; tmp=$dir/.$name.dump.$ZEXT.partial\n'
         + 'gdata=$dir/$name.globals.sql.$ZEXT; gtmp=$dir/.$name.globals.sql.$ZEXT.partial\n'
         + _pipe(
@@ -467,7 +487,8 @@ def redis_verify_stream(settings: Settings, archive: str = '"$tmp"') -> str:
     )
 
 
-def redis_backup_script(settings: Settings, compression: str | None = None) -> str:
+def redis_backup_script(settings: Settings, compression: str | None = None,
+                        label: str = "") -> str:
     """BGSAVE, copy the RDB out, compress, fsync, check, rename; print its facts."""
     d = kind_dir(settings, "redis")
     compression = compression or settings.backup.compression
@@ -491,7 +512,7 @@ def redis_backup_script(settings: Settings, compression: str | None = None) -> s
         + 'cat "$work/save"\n'
         + 'rdb=$(sed -n "s/^rdb=//p" "$work/save")\n'
         + 'echo "compressor=$ZTOOL"\n'
-        + _new_name("redis")
+        + _new_name("redis", label)
         + 'data=$dir/$name.rdb.$ZEXT; tmp=$dir/.$name.rdb.$ZEXT.partial\n'
         + _pipe(
             f'{copy} </dev/null | "${{Z[@]}}" > "$tmp"',

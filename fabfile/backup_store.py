@@ -55,6 +55,13 @@ class Entry:
         return bool(m) and bool(m.get("verification", {}).get("ok")) and m.get("file") in self.files
 
     @property
+    def label(self) -> str:
+        """"safety" for the copy a restore takes of what it replaces; "" otherwise."""
+        if self.manifest and self.manifest.get("label"):
+            return str(self.manifest["label"])
+        return "safety" if self.name.endswith("-safety") else ""
+
+    @property
     def created(self) -> datetime:
         if self.manifest and self.manifest.get("created_at"):
             return parse_iso(self.manifest["created_at"])
@@ -151,11 +158,16 @@ def newest_complete(entries: Iterable[Entry]) -> Entry | None:
 def find_entry(entries: Mapping[str, list[Entry]], ref: str, kind: str) -> Entry:
     """A backup by name (``postgres-2026...``), file name or path; latest if empty."""
     mine = entries.get(kind, [])
-    if not ref or ref == "latest":
-        e = newest_complete(mine)
+    if not ref or ref in ("latest", "safety"):
+        # "latest" is the newest regular backup, never a restore's safety copy
+        # (a second restore would undo the first); "safety" asks for that copy.
+        want = "safety" if ref == "safety" else ""
+        e = newest_complete(x for x in mine if x.label == want)
         if e is None:
-            raise OpsError(f"there is no verified {kind} backup on the server; "
-                           f"run backup.{kind} first or pass --backup")
+            what = "safety" if want else "verified"
+            raise OpsError(f"there is no {what} {kind} backup on the server; "
+                           + ("pass --backup NAME (see backup.list)" if want else
+                              f"run backup.{kind} first or pass --backup"))
         return e
     base = ref.rstrip("/").rsplit("/", 1)[-1]
     name = name_of(base) or base

@@ -2,7 +2,8 @@
 
 Layers, lowest to highest precedence:
 
-1. ``DEFAULTS`` below (production defaults);
+1. ``DEFAULTS`` (production defaults, from ``SCHEMA`` below: every setting
+   with its default, its rule and one line of help);
 2. the ``maicivy:`` section of invoke's/fabric's own config (``invoke.yaml``,
    ``fabric.yaml``, ``-f FILE``, ``INVOKE_MAICIVY_*`` / ``FABRIC_MAICIVY_*``);
 3. ``/etc/maicivy/maicivy.yaml``;
@@ -21,7 +22,8 @@ from __future__ import annotations
 import copy
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,145 +47,330 @@ SERVICES = (
 
 APP_IMAGES = ("backend", "frontend")
 
-DEFAULTS: dict[str, Any] = {
-    # Public names. ``api_domain`` is optional: empty means the API is served
-    # under the site domain (``/api/``, ``/ws/``).
-    "domain": "maicivy.example.com",
-    "api_domain": "",
-    "grafana_domain": "grafana.maicivy.example.com",
-    # Where the stack lives on the server and how compose names it.
-    "root": "/opt/maicivy",
-    "compose_project": "maicivy",
-    # Registry of the application images (backend, frontend), prefixed to
-    # their references when not empty (e.g. ``ghcr.io/acme``). Third-party
-    # images are full references: point them at a mirror if you have one.
-    "registry": "",
+# --- the schema: every setting, its default, its rule and what it means ----------
+#
+# Each leaf is ``Key(default, RULE, "help")``; DEFAULTS below is derived from it.
+# Adding a setting is ONE edit here: its default, a rule from the list just
+# below (or a new ``text(...)``/``integer(...)`` rule) and one line of help.
+# A value that a rule accepts must be inert wherever it is rendered: YAML,
+# compose, nginx, systemd, cron and shell lines (tests/test_config_schema.py
+# feeds every string setting hostile values to prove it).
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What a value must be: a type, and a pattern, range or set of choices."""
+
+    expected: str  # completes "maicivy.KEY must be ..."
+    types: tuple[type, ...]
+    pattern: re.Pattern | None = None
+    lo: float | None = None
+    hi: float | None = None
+    choices: tuple = ()
+    items: Rule | None = None  # for lists: the rule of each item
+
+    def accepts(self, value: Any) -> bool:
+        if isinstance(value, bool) and bool not in self.types:
+            return False  # True is an int to Python, never a number to us
+        if not isinstance(value, self.types):
+            return False
+        if self.choices and value not in self.choices:
+            return False
+        if self.pattern is not None and not self.pattern.fullmatch(value):
+            return False
+        if self.lo is not None and value < self.lo:
+            return False
+        if self.hi is not None and value > self.hi:
+            return False
+        if self.items is not None:
+            return all(self.items.accepts(v) for v in value)
+        return True
+
+
+@dataclass(frozen=True)
+class Key:
+    """One setting: its production default, its rule, one line of help."""
+
+    default: Any
+    rule: Rule
+    help: str
+
+    def __post_init__(self) -> None:
+        if not self.rule.accepts(self.default):
+            raise TypeError(f"default {self.default!r} breaks its own rule "
+                            f"({self.rule.expected})")
+
+
+def text(pattern: str, expected: str, *, empty: bool = False, flags: int = 0) -> Rule:
+    """A string matching ``pattern`` as a whole (``re.fullmatch``); ``empty``: or ''."""
+    if empty:
+        pattern = f"(?:{pattern})?"
+    return Rule(expected, (str,), re.compile(pattern, flags))
+
+
+def integer(lo: int, hi: int, expected: str | None = None) -> Rule:
+    return Rule(expected or f"an integer {lo}-{hi}", (int,), lo=lo, hi=hi)
+
+
+def number(lo: float, hi: float, expected: str | None = None) -> Rule:
+    return Rule(expected or f"a number {lo}-{hi}", (int, float), lo=lo, hi=hi)
+
+
+def one_of(*choices: Any) -> Rule:
+    return Rule(" or ".join(repr(c) for c in choices), (type(choices[0]),), choices=choices)
+
+
+BOOL = Rule("true or false (a boolean, not a string)", (bool,))
+PORT = integer(1, 65535, "a port number 1-65535")
+_DNS = (r"(?=.{1,253}\Z)[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+        r"(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*")
+DNS_NAME = text(_DNS, "a DNS name such as example.org (lower case)")
+# Absolute paths on the server: rendered into compose, systemd, cron and shell
+# lines, so only characters that are inert in all of them.
+_PATH = r"/[A-Za-z0-9._/-]+"
+PATH = text(_PATH, "an absolute path of letters, digits and ._/- (such as /opt/maicivy)")
+PATH_OR_EMPTY = text(_PATH, "empty or an absolute path of letters, digits and ._/-", empty=True)
+URL_PATH = text(r"/[A-Za-z0-9._/-]*", "a URL path starting with / (letters, digits, ._/-)")
+DURATION = text(r"[0-9]+(?:ms|s|m|h|d|w|y)", "a duration such as 10s, 5m or 15d")
+PROM_DURATION = text(r"[0-9]+(?:ms|s|m|h|d|w|y)", "a Prometheus duration such as 15s or 15d")
+SIZE = text(r"[0-9]+(?:b|k|kb|m|mb|g|gb)?", "a size such as 10m or 256mb", flags=re.I)
+IMAGE = text(r"[a-z0-9][a-z0-9._/:@-]*[a-z0-9]", "an image reference such as name:tag",
+             flags=re.I)
+PERCENT = number(0.1, 100, "a percentage 0.1-100")
+CRON = text(r"[0-9*/,-]+(?: [0-9*/,A-Za-z-]+){4}",
+            "a cron schedule of 5 fields such as '15 3 * * *'")
+SECONDS = integer(1, 86400, "a number of seconds 1-86400")
+DAYS = integer(1, 3650, "a number of days 1-3650")
+
+SCHEMA: dict[str, Any] = {
+    "domain": Key("maicivy.example.com", DNS_NAME, "public name of the site"),
+    "api_domain": Key("", text(_DNS, f"empty or {DNS_NAME.expected}", empty=True),
+                      "separate public name of the API; empty: /api/ and /ws/ of the site"),
+    "grafana_domain": Key("grafana.maicivy.example.com", DNS_NAME,
+                          "public name of Grafana (its own subdomain)"),
+    "root": Key("/opt/maicivy", PATH, "where the stack lives on the server"),
+    "compose_project": Key("maicivy", text(r"[a-z0-9][a-z0-9_-]*",
+                                           "lower-case letters, digits, '-' or '_'"),
+                           "docker compose project name"),
+    "registry": Key("", text(r"[a-z0-9.-]+(?::[0-9]{1,5})?(?:/[a-z0-9._-]+)*/?",
+                             "empty or a registry host[:port][/path]", empty=True, flags=re.I),
+                    "registry prefixed to the app images (backend, frontend), e.g. ghcr.io/acme"),
     "images": {
-        "postgres": "postgres:15-alpine",
-        "redis": "redis:7-alpine",
-        "backend": "maicivy/backend:latest",
-        "frontend": "maicivy/frontend:latest",
-        "nginx": "nginx:1.27-alpine",
-        "prometheus": "prom/prometheus:v2.53.0",
-        "grafana": "grafana/grafana:11.1.0",
-        "node_exporter": "prom/node-exporter:v1.8.1",
+        "postgres": Key("postgres:15-alpine", IMAGE, "PostgreSQL image"),
+        "redis": Key("redis:7-alpine", IMAGE, "Redis image"),
+        "backend": Key("maicivy/backend:latest", IMAGE, "backend image (registry prefixed)"),
+        "frontend": Key("maicivy/frontend:latest", IMAGE, "frontend image (registry prefixed)"),
+        "nginx": Key("nginx:1.27-alpine", IMAGE, "nginx image"),
+        "prometheus": Key("prom/prometheus:v2.53.0", IMAGE, "Prometheus image"),
+        "grafana": Key("grafana/grafana:11.1.0", IMAGE, "Grafana image"),
+        "node_exporter": Key("prom/node-exporter:v1.8.1", IMAGE, "node-exporter image"),
     },
     # Ports inside the containers, and what nginx publishes on the host.
     "ports": {
-        "backend": 8080,
-        "frontend": 3000,
-        "grafana": 3000,
-        "prometheus": 9090,
-        "node_exporter": 9100,
-        "postgres": 5432,
-        "redis": 6379,
+        "backend": Key(8080, PORT, "backend port inside its container"),
+        "frontend": Key(3000, PORT, "frontend port inside its container"),
+        "grafana": Key(3000, PORT, "Grafana port inside its container"),
+        "prometheus": Key(9090, PORT, "Prometheus port inside its container"),
+        "node_exporter": Key(9100, PORT, "node-exporter port inside its container"),
+        "postgres": Key(5432, PORT, "PostgreSQL port inside its container"),
+        "redis": Key(6379, PORT, "Redis port inside its container"),
     },
     "publish": {
-        "bind": "0.0.0.0",
-        "http": 80,
-        "https": 443,
+        "bind": Key("0.0.0.0", text(r"[0-9a-fA-F.:]+", "an IP address to publish nginx on "
+                                     "(0.0.0.0 for all)"), "host address nginx listens on"),
+        "http": Key(80, PORT, "host port of plain HTTP"),
+        "https": Key(443, PORT, "host port of HTTPS"),
     },
-    "rate_limit": {"per_minute": 100, "burst": 20},
+    "rate_limit": {
+        "per_minute": Key(100, integer(1, 600000, "an integer > 0"),
+                          "nginx requests per minute per client (429 above)"),
+        "burst": Key(20, integer(0, 100000, "an integer >= 0"), "burst above the rate"),
+    },
     "nginx": {
-        # Content-Security-Policy for the site; empty means the built-in policy
-        # (self, inline styles/scripts for Next.js, wss:// to the site).
-        "csp": "",
-        "hsts_max_age": 63072000,
-        "client_max_body_size": "10m",
+        "csp": Key("", text(r"[A-Za-z0-9 ;:/.*'_+=@,-]*", "a Content-Security-Policy of "
+                            "letters, digits, spaces and ;:/.*'_+=@,-"),
+                   "Content-Security-Policy of the site; empty: the built-in policy"),
+        "hsts_max_age": Key(63072000, integer(0, 10**9, "a number of seconds"),
+                            "Strict-Transport-Security max-age"),
+        "client_max_body_size": Key("10m", SIZE, "largest request body nginx accepts"),
     },
-    # Docker health checks of every service (tests shorten the interval).
-    "healthcheck": {"interval": "10s", "timeout": "5s", "retries": 5, "start_period": "30s"},
+    "healthcheck": {
+        "interval": Key("10s", DURATION, "Docker health check interval of every service"),
+        "timeout": Key("5s", DURATION, "Docker health check timeout"),
+        "retries": Key(5, integer(1, 100), "failed checks before unhealthy"),
+        "start_period": Key("30s", DURATION, "grace period after a container starts"),
+    },
     "tls": {
-        # Where certbot keeps its live certificates on the server.
-        "letsencrypt_dir": "/etc/letsencrypt",
-        # ACME webroot shared by certbot and the nginx container.
-        "webroot": "/var/www/certbot",
-        "acme_server": "https://acme-v02.api.letsencrypt.org/directory",
-        "staging": False,
-        "email": "",
-        # Extra CA bundle for a private ACME server (tests use pebble).
-        "ca_bundle": "",
-        "warn_days": 21,
-        "critical_days": 7,
+        "letsencrypt_dir": Key("/etc/letsencrypt", PATH, "where certbot keeps certificates"),
+        "webroot": Key("/var/www/certbot", PATH, "ACME webroot shared by certbot and nginx"),
+        "acme_server": Key("https://acme-v02.api.letsencrypt.org/directory",
+                           text(r"https://[A-Za-z0-9.-]+(?::[0-9]{1,5})?(?:/[A-Za-z0-9._~/-]*)?",
+                                "an https:// ACME directory URL"), "ACME directory"),
+        "staging": Key(False, BOOL, "use Let's Encrypt's staging server"),
+        "email": Key("", text(r"[A-Za-z0-9._+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+",
+                              "empty or an e-mail address", empty=True),
+                     "ACME account e-mail (expiry notices)"),
+        "ca_bundle": Key("", PATH_OR_EMPTY, "extra CA bundle for a private ACME server"),
+        "warn_days": Key(21, integer(1, 365, "a number of days"),
+                         "certificate days left that warn"),
+        "critical_days": Key(7, integer(0, 365, "a number of days"),
+                             "certificate days left that are critical"),
     },
     "backup": {
-        "dir": "/var/backups/maicivy",
-        "compression": "gzip",
-        "retention_days": {"postgres": 30, "redis": 7},
-        "min_keep": 3,
-        "keep": {"last": 0, "daily": 0, "weekly": 0, "monthly": 0},
-        "lock_wait_seconds": 10,
-        "max_age_hours": 26,
-        "min_size_bytes": 1024,
-        # backup.check: the newest backup may not shrink more than this vs the previous.
-        "max_shrink_percent": 50,
-        "bgsave_timeout_seconds": 300,
-        "textfile_dir": "/var/lib/node_exporter/textfile_collector",
-        "s3": {"bucket": "", "prefix": "maicivy/", "endpoint": "", "region": "us-east-1"},
-    },
-    "alerts": {
-        "disk_free_percent": 15,
-        "memory_used_percent": 90,
-        "cpu_used_percent": 85,
-        "error_rate_percent": 5,
-        "for": "5m",
-        "backup_stale_hours": 26,
-    },
-    "prometheus": {"scrape_interval": "15s", "retention": "15d"},
-    "grafana": {"anonymous_viewer": True},
-    "logging": {"max_size": "10m", "max_file": 5},
-    "resources": {
-        "postgres": {"cpus": 1.0, "memory": "1g"},
-        "redis": {"cpus": 0.5, "memory": "512m"},
-        "backend": {"cpus": 1.0, "memory": "512m"},
-        "frontend": {"cpus": 1.0, "memory": "512m"},
-        "nginx": {"cpus": 0.5, "memory": "256m"},
-        "prometheus": {"cpus": 0.5, "memory": "512m"},
-        "grafana": {"cpus": 0.5, "memory": "512m"},
-        "node_exporter": {"cpus": 0.25, "memory": "128m"},
-    },
-    "redis": {"maxmemory": "256mb", "maxmemory_policy": "allkeys-lru"},
-    "postgres": {"max_connections": 100},
-    "health": {
-        "timeout_seconds": 5,
-        "disk_warn_percent": 80,
-        "disk_critical_percent": 90,
-        "backend_path": "/health",
-        "backend_deep_path": "/health/deep",
-        "frontend_path": "/",
-    },
-    "deploy": {"keep_releases": 3, "health_timeout_seconds": 120},
-    # What `provision` sets up on a fresh server (fabfile/provision.py).
-    "provision": {
-        # Port sshd listens on: ufw rate-limits it and keeps it open.
-        "ssh_port": 22,
-        # Extra pip options for installing maicivy-ops on the server, e.g.
-        # "--no-index --find-links /opt/wheels" where there is no package index.
-        "pip_options": "",
-        "log_dir": "/var/log/maicivy",
-        # cron schedules (minute hour day-of-month month day-of-week).
-        "cron": {
-            "postgres_backup": "15 3 * * *",
-            "redis_backup": "45 3 * * *",
-            "ssl_renew": "30 4 * * *",
-            "restore_drill": "0 5 * * 0",
+        "dir": Key("/var/backups/maicivy", PATH, "where backups are written on the server"),
+        "compression": Key("gzip", Rule("'gzip' or 'zstd'", (str,), choices=("gzip", "zstd")),
+                           "compressor of the dumps"),
+        "retention_days": {
+            "postgres": Key(30, DAYS, "days PostgreSQL backups are kept"),
+            "redis": Key(7, DAYS, "days Redis backups are kept"),
+        },
+        "min_keep": Key(3, integer(1, 1000, "an integer >= 1"),
+                        "backups always kept, however old"),
+        "keep": {
+            "last": Key(0, integer(0, 10000, "an integer >= 0"), "keep the N newest (0: off)"),
+            "daily": Key(0, integer(0, 10000, "an integer >= 0"), "keep N daily (0: off)"),
+            "weekly": Key(0, integer(0, 10000, "an integer >= 0"), "keep N weekly (0: off)"),
+            "monthly": Key(0, integer(0, 10000, "an integer >= 0"), "keep N monthly (0: off)"),
+        },
+        "lock_wait_seconds": Key(10, integer(0, 86400, "a number of seconds 0-86400"),
+                                 "how long a backup waits for another one"),
+        "max_age_hours": Key(26, number(0.01, 24 * 365, "a positive number of hours"),
+                             "backup.check: newest backup older than this fails"),
+        "min_size_bytes": Key(1024, integer(0, 10**15, "a number of bytes"),
+                              "backup.check: smaller backups fail"),
+        "max_shrink_percent": Key(50, integer(0, 100, "a percentage 0-100 (0 disables the "
+                                                      "check)"),
+                                  "backup.check: newest may not shrink more than this"),
+        "bgsave_timeout_seconds": Key(300, SECONDS, "how long to wait for Redis BGSAVE"),
+        "textfile_dir": Key("/var/lib/node_exporter/textfile_collector", PATH,
+                            "node-exporter textfile directory (backup metrics)"),
+        "s3": {
+            "bucket": Key("", text(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", "empty or an S3 bucket "
+                                   "name (lower case, 3-63 characters)", empty=True),
+                          "bucket of the off-site copies; empty: no off-site copy"),
+            "prefix": Key("maicivy/", text(r"(?:[A-Za-z0-9._-][A-Za-z0-9._/-]*)?",
+                                           "a key prefix such as maicivy/ (no leading /)"),
+                          "key prefix in the bucket"),
+            "endpoint": Key("", text(r"https?://[A-Za-z0-9.-]+(?::[0-9]{1,5})?(?:/[A-Za-z0-9._/-]*)?",
+                                     "empty (AWS) or an http(s):// URL of an S3-compatible "
+                                     "service", empty=True),
+                            "S3-compatible endpoint; empty: AWS"),
+            "region": Key("us-east-1", text(r"[a-z0-9-]+", "a region name such as us-east-1"),
+                          "S3 region"),
+            # Not aws:kms: S3's ETag is then no MD5 and uploads could not be verified.
+            "sse": Key("AES256", Rule("'AES256' or '' (none)", (str,), choices=("AES256", "")),
+                       "server-side encryption asked for and checked on every uploaded "
+                       "object; '' only where the service cannot encrypt"),
         },
     },
-    # Run privileged commands through ``sudo -n`` (when the SSH user is not root).
-    "sudo": False,
-    # known_hosts files used to verify server host keys (in addition to
-    # ~/.ssh/known_hosts and /etc/ssh/ssh_known_hosts).
-    "known_hosts": [],
+    "alerts": {
+        "disk_free_percent": Key(15, number(1, 99, "a percentage 1-99"),
+                                 "DiskSpaceLow below this % free"),
+        "memory_used_percent": Key(90, PERCENT, "HighMemoryUsage above this % used"),
+        "cpu_used_percent": Key(85, PERCENT, "HighCPUUsage above this % busy"),
+        "error_rate_percent": Key(5, PERCENT, "HighErrorRate above this % of 5xx"),
+        "for": Key("5m", PROM_DURATION, "how long a condition lasts before it fires"),
+        "backup_stale_hours": Key(26, integer(1, 24 * 365, "a number of hours"),
+                                  "BackupStale after this many hours without a backup"),
+    },
+    "prometheus": {
+        "scrape_interval": Key("15s", PROM_DURATION, "scrape and evaluation interval"),
+        "retention": Key("15d", PROM_DURATION, "how long Prometheus keeps samples"),
+    },
+    "grafana": {
+        "anonymous_viewer": Key(False, BOOL, "let anyone who reaches the Grafana domain view "
+                                "dashboards without logging in (Viewer role)"),
+    },
+    "logging": {
+        "max_size": Key("10m", SIZE, "json-file log size before rotation"),
+        "max_file": Key(5, integer(1, 100), "rotated log files kept per container"),
+    },
+    "resources": {
+        name: {
+            "cpus": Key(cpus, number(0.01, 256, "a number of CPUs such as 0.5"),
+                        f"CPU limit of {name}"),
+            "memory": Key(memory, SIZE, f"memory limit of {name}"),
+        }
+        for name, cpus, memory in (
+            ("postgres", 1.0, "1g"), ("redis", 0.5, "512m"), ("backend", 1.0, "512m"),
+            ("frontend", 1.0, "512m"), ("nginx", 0.5, "256m"), ("prometheus", 0.5, "512m"),
+            ("grafana", 0.5, "512m"), ("node_exporter", 0.25, "128m"),
+        )
+    },
+    "redis": {
+        "maxmemory": Key("256mb", SIZE, "Redis maxmemory"),
+        "maxmemory_policy": Key("allkeys-lru", one_of(
+            "allkeys-lru", "allkeys-lfu", "allkeys-random", "volatile-lru", "volatile-lfu",
+            "volatile-random", "volatile-ttl", "noeviction"), "Redis eviction policy"),
+    },
+    "postgres": {
+        "max_connections": Key(100, integer(1, 10000), "PostgreSQL max_connections"),
+    },
+    "health": {
+        "timeout_seconds": Key(5, number(0.1, 300, "a number of seconds"),
+                               "timeout of each health check"),
+        "disk_warn_percent": Key(80, number(1, 100, "a percentage 1-100"),
+                                 "disk use that warns"),
+        "disk_critical_percent": Key(90, number(1, 100, "a percentage 1-100"),
+                                     "disk use that is critical"),
+        "backend_path": Key("/health", URL_PATH, "backend health URL path"),
+        "backend_deep_path": Key("/health/deep", URL_PATH,
+                                 "backend health path that also checks its databases"),
+        "frontend_path": Key("/", URL_PATH, "frontend health URL path"),
+    },
+    "deploy": {
+        "keep_releases": Key(3, integer(1, 100, "an integer >= 1"),
+                             "releases kept for deploy.rollback"),
+        "health_timeout_seconds": Key(120, integer(5, 3600, "a number of seconds 5-3600"),
+                                      "how long a new container may take to become healthy"),
+    },
+    # What `provision` sets up on a fresh server (fabfile/provision.py).
+    "provision": {
+        "ssh_port": Key(22, PORT, "port sshd listens on: ufw keeps it open (rate-limited)"),
+        "pip_options": Key("", text(r"[A-Za-z0-9 ._/:=+,@-]*",
+                                    "pip options (letters, digits, spaces and ._/:=+,@- only)"),
+                           "extra pip options for installing maicivy-ops on the server, e.g. "
+                           "'--no-index --find-links /opt/wheels'"),
+        "log_dir": Key("/var/log/maicivy", PATH, "where the cron jobs log"),
+        "cron": {
+            "postgres_backup": Key("15 3 * * *", CRON, "schedule of backup.postgres"),
+            "redis_backup": Key("45 3 * * *", CRON, "schedule of backup.redis"),
+            "ssl_renew": Key("30 4 * * *", CRON, "schedule of ssl.renew"),
+            "restore_drill": Key("0 5 * * 0", CRON, "schedule of backup.verify"),
+        },
+    },
+    "sudo": Key(False, BOOL, "run privileged commands with sudo -n (non-root SSH user)"),
+    # Local files, read by paramiko only (never rendered on the server).
+    "known_hosts": Key([], Rule("a list of file paths (~/... or /...)", (list,),
+                                items=text(r"(?:~|/)[A-Za-z0-9._/+@ -]*", "a file path")),
+                       "extra known_hosts files (SSH host keys are always verified)"),
 }
 
-_HOST_RE = re.compile(
-    r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$"
-)
-_IMAGE_RE = re.compile(r"^[a-z0-9][a-z0-9._/:@-]*[a-z0-9]$", re.IGNORECASE)
-_REGISTRY_RE = re.compile(r"^[a-z0-9.-]+(:[0-9]{1,5})?(/[a-z0-9._-]+)*$", re.IGNORECASE)
-_DURATION_RE = re.compile(r"^[0-9]+(ms|s|m|h|d|w|y)$")
-_PROJECT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
-_SIZE_RE = re.compile(r"^[0-9]+(b|k|kb|m|mb|g|gb)?$", re.IGNORECASE)
+
+def _defaults(schema: Mapping, where: str = "maicivy") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, node in schema.items():
+        if isinstance(node, Key):
+            out[name] = copy.deepcopy(node.default)
+        elif isinstance(node, Mapping):
+            out[name] = _defaults(node, f"{where}.{name}")
+        else:  # a plain value: someone added a setting without its rule
+            raise TypeError(f"fabfile/config.py: {where}.{name} has no rule; declare it as "
+                            "Key(default, RULE, 'help') in SCHEMA")
+    return out
+
+
+def iter_keys(schema: Mapping = SCHEMA, prefix: str = "") -> Iterator[tuple[str, Key]]:
+    """Every (dotted name, Key) of the schema, in declaration order."""
+    for name, node in schema.items():
+        if isinstance(node, Key):
+            yield prefix + name, node
+        else:
+            yield from iter_keys(node, f"{prefix}{name}.")
+
+
+# Production defaults, as a plain nested dict (derived from SCHEMA).
+DEFAULTS: dict[str, Any] = _defaults(SCHEMA)
 
 
 class Settings(dict):
@@ -338,189 +525,23 @@ def _get(data: Mapping, key: str) -> Any:
     return node
 
 
-def _check(data: Mapping, key: str, ok, expected: str) -> None:
-    value = _get(data, key)
-    try:
-        good = ok(value)
-    except (TypeError, ValueError):
-        good = False
-    if not good:
-        _fail(key, expected, value)
-
-
-def _is_int(v: Any, lo: int, hi: int) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
-
-
-def _is_number(v: Any, lo: float, hi: float) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and lo <= v <= hi
-
-
 def validate(data: Mapping) -> None:
-    """Raise ConfigError naming the first bad key; return None when all good."""
-    host = "a DNS name such as example.org (lower case)"
-    _check(data, "domain", lambda v: isinstance(v, str) and _HOST_RE.match(v), host)
-    _check(data, "grafana_domain", lambda v: isinstance(v, str) and _HOST_RE.match(v), host)
-    _check(
-        data,
-        "api_domain",
-        lambda v: v == "" or (isinstance(v, str) and _HOST_RE.match(v)),
-        f"empty or {host}",
-    )
+    """Raise ConfigError naming the first bad key; return None when all good.
+
+    Every key goes through its rule in SCHEMA; then the few rules that relate
+    two keys.
+    """
+    for name, key in iter_keys():
+        value = _get(data, name)
+        if not key.rule.accepts(value):
+            _fail(name, key.rule.expected, value)
+    if data["root"].strip("/") == "":
+        _fail("root", "a directory other than /", data["root"])
     if data["grafana_domain"] == data["domain"]:
         _fail("grafana_domain", "different from maicivy.domain", data["grafana_domain"])
-    _check(
-        data,
-        "root",
-        lambda v: isinstance(v, str) and v.startswith("/") and v.rstrip("/") != ""
-        and " " not in v,
-        "an absolute path without spaces, other than /",
-    )
-    _check(
-        data,
-        "compose_project",
-        lambda v: isinstance(v, str) and _PROJECT_RE.match(v),
-        "lower-case letters, digits, '-' or '_'",
-    )
-    _check(
-        data,
-        "registry",
-        lambda v: v == "" or (isinstance(v, str) and _REGISTRY_RE.match(v.rstrip("/"))),
-        "empty or a registry host[:port][/path]",
-    )
-    for name in DEFAULTS["images"]:
-        _check(
-            data,
-            f"images.{name}",
-            lambda v: isinstance(v, str) and _IMAGE_RE.match(v),
-            "an image reference such as name:tag",
-        )
-    for name in DEFAULTS["ports"]:
-        _check(data, f"ports.{name}", lambda v: _is_int(v, 1, 65535), "a port number 1-65535")
-    for name in ("http", "https"):
-        _check(data, f"publish.{name}", lambda v: _is_int(v, 1, 65535), "a port number 1-65535")
-    _check(
-        data,
-        "publish.bind",
-        lambda v: isinstance(v, str) and re.match(r"^[0-9a-f.:]+$", v),
-        "an IP address to publish nginx on (0.0.0.0 for all)",
-    )
-    _check(data, "rate_limit.per_minute", lambda v: _is_int(v, 1, 600000), "an integer > 0")
-    _check(data, "rate_limit.burst", lambda v: _is_int(v, 0, 100000), "an integer >= 0")
-    for kind in ("postgres", "redis"):
-        _check(
-            data,
-            f"backup.retention_days.{kind}",
-            lambda v: _is_int(v, 1, 3650),
-            "a number of days 1-3650",
-        )
-    for tier in DEFAULTS["backup"]["keep"]:
-        _check(data, f"backup.keep.{tier}", lambda v: _is_int(v, 0, 10000), "an integer >= 0")
-    _check(data, "backup.min_keep", lambda v: _is_int(v, 1, 1000), "an integer >= 1")
-    _check(data, "backup.lock_wait_seconds", lambda v: _is_int(v, 0, 86400),
-           "a number of seconds 0-86400")
-    _check(data, "backup.max_age_hours", lambda v: _is_number(v, 0, 24 * 365) and v > 0,
-           "a positive number of hours")
-    _check(data, "backup.min_size_bytes", lambda v: _is_int(v, 0, 10**15), "a number of bytes")
-    _check(data, "backup.max_shrink_percent", lambda v: _is_int(v, 0, 100),
-           "a percentage 0-100 (0 disables the check)")
-    _check(data, "backup.bgsave_timeout_seconds", lambda v: _is_int(v, 1, 86400),
-           "a number of seconds 1-86400")
-    _check(data, "backup.s3.bucket", lambda v: isinstance(v, str)
-           and (v == "" or re.match(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$", v)),
-           "empty or an S3 bucket name (lower case, 3-63 characters)")
-    _check(data, "backup.s3.prefix", lambda v: isinstance(v, str) and not v.startswith("/")
-           and " " not in v, "a key prefix such as maicivy/ (no leading /)")
-    _check(data, "backup.s3.endpoint", lambda v: isinstance(v, str)
-           and (v == "" or re.match(r"^https?://[^\s/]+(/.*)?$", v)),
-           "empty (AWS) or an http(s):// URL of an S3-compatible service")
-    _check(data, "backup.s3.region", lambda v: isinstance(v, str) and " " not in v,
-           "a region name such as us-east-1")
-    _check(
-        data,
-        "backup.compression",
-        lambda v: v in ("gzip", "zstd"),
-        "'gzip' or 'zstd'",
-    )
-    for key in ("backup.dir", "backup.textfile_dir", "tls.letsencrypt_dir", "tls.webroot"):
-        _check(
-            data,
-            key,
-            lambda v: isinstance(v, str) and v.startswith("/") and " " not in v,
-            "an absolute path without spaces",
-        )
-    _check(
-        data,
-        "alerts.disk_free_percent",
-        lambda v: _is_number(v, 1, 99),
-        "a percentage 1-99",
-    )
-    for key in ("memory_used_percent", "cpu_used_percent", "error_rate_percent"):
-        _check(data, f"alerts.{key}", lambda v: _is_number(v, 0.1, 100), "a percentage 0.1-100")
-    _check(data, "alerts.for", lambda v: isinstance(v, str) and _DURATION_RE.match(v),
-           "a Prometheus duration such as 5m")
-    _check(data, "alerts.backup_stale_hours", lambda v: _is_int(v, 1, 24 * 365),
-           "a number of hours")
-    for key in ("scrape_interval", "retention"):
-        _check(
-            data,
-            f"prometheus.{key}",
-            lambda v: isinstance(v, str) and _DURATION_RE.match(v),
-            "a Prometheus duration such as 15s or 15d",
-        )
-    _check(data, "logging.max_size", lambda v: isinstance(v, str) and _SIZE_RE.match(v),
-           "a size such as 10m")
-    _check(data, "logging.max_file", lambda v: _is_int(v, 1, 100), "an integer 1-100")
-    for name in DEFAULTS["resources"]:
-        _check(data, f"resources.{name}.cpus", lambda v: _is_number(v, 0.01, 256),
-               "a number of CPUs such as 0.5")
-        _check(data, f"resources.{name}.memory",
-               lambda v: isinstance(v, str) and _SIZE_RE.match(v), "a size such as 512m")
-    for key in ("interval", "timeout", "start_period"):
-        _check(data, f"healthcheck.{key}", lambda v: isinstance(v, str) and _DURATION_RE.match(v),
-               "a duration such as 10s")
-    _check(data, "healthcheck.retries", lambda v: _is_int(v, 1, 100), "an integer 1-100")
-    _check(data, "nginx.hsts_max_age", lambda v: _is_int(v, 0, 10**9), "a number of seconds")
-    _check(data, "nginx.csp", lambda v: isinstance(v, str) and "\"" not in v and "\n" not in v,
-           "a CSP string without double quotes or newlines")
-    _check(data, "nginx.client_max_body_size", lambda v: isinstance(v, str) and _SIZE_RE.match(v),
-           "a size such as 10m")
-    for key in ("backend_path", "backend_deep_path", "frontend_path"):
-        _check(data, f"health.{key}", lambda v: isinstance(v, str) and v.startswith("/")
-               and " " not in v, "a URL path starting with /")
-    _check(data, "health.timeout_seconds", lambda v: _is_number(v, 0.1, 300),
-           "a number of seconds")
-    _check(data, "tls.warn_days", lambda v: _is_int(v, 1, 365), "a number of days")
-    _check(data, "tls.critical_days", lambda v: _is_int(v, 0, 365), "a number of days")
     if data["tls"]["critical_days"] >= data["tls"]["warn_days"]:
         _fail("tls.critical_days", "smaller than maicivy.tls.warn_days",
               data["tls"]["critical_days"])
-    _check(data, "tls.acme_server", lambda v: isinstance(v, str)
-           and re.match(r"^https://[^\s'\"]+$", v), "an https:// ACME directory URL")
-    _check(data, "tls.staging", lambda v: isinstance(v, bool), "true or false")
-    _check(data, "tls.email", lambda v: v == "" or (isinstance(v, str)
-           and re.match(r"^[^@\s'\"]+@[^@\s'\"]+\.[^@\s'\"]+$", v)),
-           "empty or an e-mail address")
-    _check(data, "tls.ca_bundle", lambda v: v == "" or (isinstance(v, str)
-           and v.startswith("/") and " " not in v), "empty or an absolute path on the server")
-    for key in ("disk_warn_percent", "disk_critical_percent"):
-        _check(data, f"health.{key}", lambda v: _is_number(v, 1, 100), "a percentage 1-100")
     if data["health"]["disk_warn_percent"] > data["health"]["disk_critical_percent"]:
         _fail("health.disk_warn_percent", "at most maicivy.health.disk_critical_percent",
               data["health"]["disk_warn_percent"])
-    _check(data, "deploy.keep_releases", lambda v: _is_int(v, 1, 100), "an integer >= 1")
-    _check(data, "deploy.health_timeout_seconds", lambda v: _is_int(v, 5, 3600),
-           "a number of seconds 5-3600")
-    _check(data, "provision.ssh_port", lambda v: _is_int(v, 1, 65535), "a port number 1-65535")
-    _check(data, "provision.pip_options", lambda v: isinstance(v, str)
-           and re.match(r"^[A-Za-z0-9 ._/:=+,@-]*$", v),
-           "pip options (letters, digits, spaces and ._/:=+,@- only)")
-    _check(data, "provision.log_dir", lambda v: isinstance(v, str) and v.startswith("/")
-           and " " not in v, "an absolute path without spaces")
-    for name in DEFAULTS["provision"]["cron"]:
-        _check(data, f"provision.cron.{name}", lambda v: isinstance(v, str)
-               and re.match(r"^[0-9*/,-]+( [0-9*/,A-Za-z-]+){4}$", v),
-               "a cron schedule of 5 fields such as '15 3 * * *'")
-    _check(data, "sudo", lambda v: isinstance(v, bool), "true or false")
-    _check(data, "known_hosts", lambda v: isinstance(v, list)
-           and all(isinstance(p, str) for p in v), "a list of file paths")

@@ -9,7 +9,8 @@ It adds what invoke/fabric lack for operations work:
   and still performs ``put`` for real);
 * privileged commands through ``sudo -n bash -c '<quoted>'`` so that the
   whole command line, not only its first word, runs privileged;
-* atomic file writes (temporary name, fsync, rename) that work on both sides;
+* atomic, verified file writes (0600 temporary name, fsync, size and sha256
+  read back, rename) that work on both sides and fail loudly;
 * strict SSH host key checking (see :func:`harden_connection`).
 
 The helpers at the bottom follow patchwork's API (``exists``, ``contains``,
@@ -19,9 +20,8 @@ The helpers at the bottom follow patchwork's API (``exists``, ``contains``,
 from __future__ import annotations
 
 import hashlib
-import io
 import os
-import secrets
+import re
 import shlex
 import sys
 import tempfile
@@ -47,7 +47,11 @@ def harden_connection(conn, extra_known_hosts: Iterable[str] = ()) -> None:
 
     fabric always installs paramiko's auto-add host key policy and loads no known_hosts
     file; we load the user's and the system's (plus any configured ones) and
-    set RejectPolicy. Safe to call more than once; a no-op for local contexts.
+    set RejectPolicy. The same goes for every ProxyJump gateway in front of it
+    (fabric makes a Connection of its own for each hop). A ProxyCommand gateway
+    is a command of the user's (e.g. ``ssh -W``) that checks its own keys; the
+    target's key is checked here either way. Safe to call more than once; a
+    no-op for local contexts.
     """
     if Connection is None or not isinstance(conn, Connection):
         return
@@ -55,6 +59,8 @@ def harden_connection(conn, extra_known_hosts: Iterable[str] = ()) -> None:
 
     if vars(conn).get("_maicivy_hardened"):
         return
+    if isinstance(conn.gateway, Connection):
+        harden_connection(conn.gateway, extra_known_hosts)
     client = conn.client
     client.set_missing_host_key_policy(paramiko.RejectPolicy())
     for path in (*DEFAULT_KNOWN_HOSTS, *extra_known_hosts):
@@ -72,12 +78,17 @@ def explain_ssh_error(exc: BaseException, target: str) -> OpsError | None:
     import paramiko
 
     if isinstance(exc, paramiko.BadHostKeyException):
+        if exc.hostname and exc.hostname.split(":")[0].strip("[]") not in target:
+            target = f"{exc.hostname} (on the way to {target})"
         return HostKeyError(
             f"host key of {target} has CHANGED (got {exc.key.get_name()} "
             f"{exc.key.fingerprint}); refusing to connect. If the server was really "
             "reinstalled, remove its old line from known_hosts and verify the new key"
         )
     if isinstance(exc, paramiko.SSHException) and "not found in known_hosts" in str(exc):
+        server = re.search(r"Server '([^']+)'", str(exc))
+        if server and server.group(1).split(":")[0].strip("[]") not in target:
+            target = f"{server.group(1)} (on the way to {target})"
         return HostKeyError(
             f"host key of {target} is unknown; refusing to connect. Verify its "
             "fingerprint and add it to ~/.ssh/known_hosts (e.g. connect once with ssh)"
@@ -223,50 +234,78 @@ class Host:
         mode: int = 0o644,
         sudo: bool = False,
     ) -> None:
-        """Write ``data`` to ``path`` atomically (temp name in the same dir, rename)."""
+        """Write ``data`` to ``path`` atomically, verified; raise OpsError if it failed.
+
+        The bytes go to a temporary file in the same directory that is created
+        0600 before the first byte (mktemp), fsynced, checked (size and sha256
+        read back from the disk), chmodded to ``mode`` and renamed into place.
+        Remotely this is one round trip: the data on the stdin of one command
+        (privileged as a whole with ``sudo``), never a staging copy elsewhere,
+        never paramiko's pipelined SFTP writes (whose errors are dropped). A
+        failure (e.g. a full disk) leaves the old file untouched, no temporary
+        file, and raises one line naming ``path`` and the cause.
+        """
         if isinstance(data, str):
             data = data.encode()
         if self.dry_run:
             self.actions.append(f"write {path}")
             self.say(f"[dry-run] would write {path} ({len(data)} bytes, mode {mode:o})")
             return
+        if self.is_remote:
+            self._write_remote(path, data, mode=mode, sudo=sudo)
+        else:
+            self._write_local(path, data, mode=mode)
+
+    def _write_local(self, path: str, data: bytes, *, mode: int) -> None:
         directory = os.path.dirname(path) or "."
         base = os.path.basename(path)
-        tmp = f"{directory}/.{base}.maicivy-tmp"
-        if self.is_remote and not (sudo and self.use_sudo):
-            sftp = self.c.sftp()
-            with sftp.open(tmp, "wb") as fh:
-                fh.set_pipelined(True)
-                fh.write(data)
-            sftp.chmod(tmp, mode)
-            sftp.posix_rename(tmp, path)
-        elif self.is_remote:
-            # Unprivileged upload into the SSH user's home under an unguessable
-            # name, then a privileged install into place.
-            staging = f".maicivy-upload-{secrets.token_hex(8)}"
-            self.c.put(io.BytesIO(data), staging)
-            self._invoke(
-                f"install -m {mode:o} {shlex.quote(staging)} {shlex.quote(tmp)} && "
-                f"mv -f {shlex.quote(tmp)} {shlex.quote(path)}; rc=$?; rm -f "
-                f"{shlex.quote(staging)}; exit $rc",
-                sudo=True,
-                warn=False,
-                hide=True,
-                timeout=None,
-            )
-        else:
+        local_tmp = None
+        try:
+            # mkstemp: O_CREAT|O_EXCL, 0600 from the start.
             fd, local_tmp = tempfile.mkstemp(prefix=f".{base}.", dir=directory)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            with open(local_tmp, "rb") as fh:
+                back = fh.read()
+            if back != data:
+                raise OSError(f"read back {len(back)} bytes, wrote {len(data)}")
+            os.chmod(local_tmp, mode)
+            os.replace(local_tmp, path)
+            local_tmp = None
+        except OSError as exc:
+            raise OpsError(f"cannot write {path}: {exc.strerror or exc}") from None
+        finally:
+            if local_tmp is not None and os.path.exists(local_tmp):
+                os.unlink(local_tmp)
+
+    def _write_remote(self, path: str, data: bytes, *, mode: int, sudo: bool) -> None:
+        size, digest = len(data), hashlib.sha256(data).hexdigest()
+        command = "bash -c " + shlex.quote(WRITE_SH) + " write " + " ".join(
+            shlex.quote(a) for a in (path, f"{mode:o}", str(size), digest))
+        try:
+            chan = self.open_channel(command, sudo=sudo)
+        except Exception as exc:
+            ssh = explain_ssh_error(exc, self.name)
+            if ssh is not None:
+                raise ssh from exc
+            raise
+        try:
             try:
-                with os.fdopen(fd, "wb") as fh:
-                    fh.write(data)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                os.chmod(local_tmp, mode)
-                os.replace(local_tmp, path)
-            except BaseException:
-                if os.path.exists(local_tmp):
-                    os.unlink(local_tmp)
-                raise
+                view = memoryview(data)
+                for i in range(0, size, 1 << 20):
+                    chan.sendall(view[i:i + (1 << 20)])
+                chan.shutdown_write()
+            except OSError:
+                pass  # the command ended early (its stderr says why)
+            out = _drain(chan)
+            status = chan.recv_exit_status()
+        finally:
+            chan.close()
+        stdout, stderr = out
+        if status != 0 or stdout.split() != ["ok", str(size), digest]:
+            raise OpsError(f"cannot write {path} on {self.name}: {_cause(stderr, stdout)}")
 
     def read_file(self, path: str, *, sudo: bool = False) -> bytes:
         """Read a small file (config, manifest). Large files: stream, never this."""
@@ -292,6 +331,49 @@ class Host:
             if name:
                 found[name] = digest
         return found
+
+
+# The remote half of Host.write_file: $1 path, $2 mode (octal), $3 size, $4 sha256.
+# The temporary file is 0600 from creation (umask + mktemp), removed on any
+# failure (also when the connection drops: stdin ends short, the check fails).
+WRITE_SH = r"""set -u
+umask 077
+path=$1; mode=$2; size=$3; sha=$4
+fail() { printf 'FAILED: %s\n' "$*" >&2; exit 1; }
+tmp=$(mktemp -p "$(dirname -- "$path")" ".${path##*/}.XXXXXXXX" 2>&1) || fail "$tmp"
+trap 'rm -f -- "$tmp"' EXIT
+err=$(cat 2>&1 > "$tmp") || fail "${err:-cat failed}"
+err=$(sync -- "$tmp" 2>&1) || fail "${err:-fsync failed}"
+got=$(stat -c %s -- "$tmp") || fail "cannot stat $tmp"
+[ "$got" = "$size" ] || fail "wrote $got of $size bytes (connection lost?)"
+got_sha=$(sha256sum < "$tmp") || fail "cannot read $tmp back"
+[ "${got_sha%% *}" = "$sha" ] || fail "the bytes read back differ from those sent"
+chmod "$mode" -- "$tmp" || fail "cannot chmod $tmp"
+err=$(mv -f -- "$tmp" "$path" 2>&1) || fail "${err:-mv failed}"
+trap - EXIT
+echo "ok $got ${got_sha%% *}"
+"""
+
+
+def _drain(chan) -> tuple[str, str]:
+    """All of a channel's stdout, then its stderr (both small; paramiko buffers stderr)."""
+    out = chan.makefile("rb").read()
+    err = chan.makefile_stderr("rb").read()
+    return out.decode(errors="replace"), err.decode(errors="replace")
+
+
+def _cause(stderr: str, stdout: str = "") -> str:
+    """The reason in a failure's last line: ``cat: write error: No space left on device``
+    gives ``No space left on device``."""
+    lines = [ln.strip() for ln in (stderr + "\n" + stdout).splitlines() if ln.strip()]
+    if not lines:
+        return "the connection was lost"
+    last = lines[-1]
+    if last.startswith("FAILED: "):
+        last = last[len("FAILED: "):]
+    if ": " in last and last.rsplit(": ", 1)[1][:1].isupper():
+        return last.rsplit(": ", 1)[1]
+    return last
 
 
 class CommandFailed(OpsError):

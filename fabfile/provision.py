@@ -23,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+from .audit import SSH_CONNECTION_SH
 from .config import PROJECT_ROOT, Settings
 from .errors import OpsError
 from .host import Host, upload_if_changed
@@ -287,17 +288,27 @@ def pip_failure(output: str, limit: int = 3) -> str:
 # --- cron -----------------------------------------------------------------------------
 
 
+def cron_quote(word: str) -> str:
+    """``word`` as one shell word for a crontab line: quoted, ``%`` escaped.
+
+    cron turns an unescaped ``%`` into a newline (the rest becomes stdin).
+    """
+    return shlex.quote(word).replace("%", "\\%")
+
+
 def cron_lines(settings: Settings) -> list[str]:
     """The cron entries, each runnable exactly as written, using the ops venv on the server."""
     root = settings.root.rstrip("/")
-    inv = f"{root}/ops/.venv/bin/inv -r {root}/ops"
+    q = cron_quote
+    inv = f"{q(root + '/ops/.venv/bin/inv')} -r {q(root + '/ops')}"
     log = settings.provision.log_dir.rstrip("/")
     cron = settings.provision.cron
     return [
-        f"{cron.postgres_backup} cd / && {inv} backup.postgres >> {log}/backup.log 2>&1",
-        f"{cron.redis_backup} cd / && {inv} backup.redis >> {log}/backup.log 2>&1",
-        f"{cron.ssl_renew} cd / && {inv} ssl.renew >> {log}/ssl.log 2>&1",
-        f"{cron.restore_drill} cd / && {inv} backup.verify >> {log}/restore-drill.log 2>&1",
+        f"{cron.postgres_backup} cd / && {inv} backup.postgres >> {q(log + '/backup.log')} 2>&1",
+        f"{cron.redis_backup} cd / && {inv} backup.redis >> {q(log + '/backup.log')} 2>&1",
+        f"{cron.ssl_renew} cd / && {inv} ssl.renew >> {q(log + '/ssl.log')} 2>&1",
+        f"{cron.restore_drill} cd / && {inv} backup.verify >> "
+        f"{q(log + '/restore-drill.log')} 2>&1",
     ]
 
 
@@ -340,6 +351,32 @@ def ufw_commands(ssh_port: int) -> list[str]:
         "ufw default allow outgoing",
         "ufw --force enable",
     ]
+
+
+def live_ssh_port(ssh_connection: str) -> int | None:
+    """The server port of the SSH session, from the server's ``$SSH_CONNECTION``.
+
+    ``"client_ip client_port server_ip server_port"``; None when not over SSH.
+    """
+    parts = ssh_connection.split()
+    if len(parts) == 4 and parts[3].isdigit():
+        return int(parts[3])
+    return None
+
+
+def ssh_port_lockout(ssh_connection: str, ssh_port: int) -> str | None:
+    """Why enabling ufw would cut the live SSH session off (None: it would not).
+
+    ufw keeps only ``provision.ssh_port`` open: if this session came in on
+    another port, the next connection (and this one, once its state expires)
+    would be refused. We refuse instead of guessing which port is right.
+    """
+    live = live_ssh_port(ssh_connection)
+    if live is None or live == int(ssh_port):
+        return None
+    return (f"this SSH session reached sshd on port {live}, but provision.ssh_port is "
+            f"{int(ssh_port)}: the firewall would lock you out. Set provision.ssh_port: "
+            f"{live} (or make sshd listen on {int(ssh_port)} first); nothing was changed")
 
 
 def ufw_is_configured(status: str, ssh_port: int) -> bool:
@@ -520,6 +557,12 @@ def step_ufw(host: Host, settings: Settings, facts: Facts, report: Report) -> No
 def provision_host(host: Host, settings: Settings) -> Report:
     report = Report(host)
     host.say(f"provision {host.name}:")
+    # Before anything changes: would the firewall cut us off? (Also right for
+    # `sudo inv provision` in an SSH session: sudo drops SSH_CONNECTION.)
+    session = host.check(SSH_CONNECTION_SH + '\nprintf "%s" "$who_ssh"').stdout
+    lockout = ssh_port_lockout(session, settings.provision.ssh_port)
+    if lockout:
+        raise OpsError(f"{host.name}: {lockout}")
     facts = parse_facts(host.check(facts_script(
         list(BASE_PACKAGES) + list(_ALL_COMPOSE)), sudo=True).stdout)
     if step_packages(host, facts, report):

@@ -25,6 +25,7 @@ import shlex
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from .audit import IDENTITY_SH, append_with_identity, log_line_with_identity
 from .config import SERVICES, Settings
 from .stack import compose
 
@@ -87,8 +88,10 @@ def lock_script(settings: Settings, owner: str, managed: Iterable[str]) -> str:
         *_state_lines(settings, quoted, snapshot=True),
         "echo '== ready'",
         # Hold the lock until our stdin closes (end of deploy or lost connection);
-        # what the deploy writes there are its deploy log lines.
-        'cat >> "$D/deploy.log" 9>&-',
+        # what the deploy writes there are its deploy log lines, each followed
+        # by the identity the server sees (fabfile/audit.py).
+        IDENTITY_SH,
+        append_with_identity('"$D/deploy.log"'),
         'rm -f "$D/lock.owner"',
     ])
 
@@ -759,13 +762,18 @@ def prune_lines(settings: Settings) -> list[str]:
 
 
 def log_append(settings: Settings, line: str) -> str:
+    """sh: append ``line`` to the deploy log, with the server-side identity after it."""
     log = f"{state_dir(settings)}/deploy.log"
-    return f"printf '%s\\n' {shlex.quote(line)} >> {shlex.quote(log)}"
+    return "\n".join([IDENTITY_SH, log_line_with_identity(shlex.quote(line), shlex.quote(log))])
 
 
 def log_line(when: str, user: str, result: str, release: str,
              images: Mapping[str, tuple[str, str]], detail: str = "") -> str:
-    """One deploy log line: time, local user, result, release, image refs and IDs."""
+    """One deploy log line: time, local user, result, release, image refs and IDs.
+
+    The server appends its own view of who ran it (server_user, sudo_user,
+    ssh_from: fabfile/audit.py) when it writes the line.
+    """
     imgs = ",".join(f"{s}={ref}@{i.removeprefix('sha256:')[:12]}"
                     for s, (ref, i) in sorted(images.items()))
     out = f"{when} user={user} result={result} release={release or '-'} images={imgs or '-'}"

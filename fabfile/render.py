@@ -126,6 +126,61 @@ def write_tree(files: dict[str, bytes], out_dir: Path) -> list[Path]:
     return written
 
 
+MARKER = ".maicivy-render"
+
+
+def _ours(out_dir: Path, files: dict[str, bytes]) -> bool:
+    """True if ``out_dir`` is empty, or a tree this task wrote (safe to replace)."""
+    if (out_dir / MARKER).is_file():
+        return True
+    present = {str(p.relative_to(out_dir)) for p in out_dir.rglob("*") if not p.is_dir()}
+    return present <= set(files)
+
+
+def publish_tree(files: dict[str, bytes], out_dir: Path) -> list[Path]:
+    """Write the tree into a new directory next to ``out_dir``, then rename it into place.
+
+    Either the whole new tree is there, or (on any error) ``out_dir`` is as it
+    was: never a mix of old and new files. An existing ``out_dir`` is replaced
+    only if it is a previous render (or empty).
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OpsError(f"{out_dir} exists and is not a directory; choose another --out")
+    if out_dir.is_dir() and not _ours(out_dir, files):
+        raise OpsError(f"{out_dir} already holds files that render did not write; "
+                       "choose a new or empty directory for --out")
+    parent = out_dir.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=parent))
+    except OSError as exc:
+        raise OpsError(f"cannot write into {parent}: {exc.strerror or exc}; choose another "
+                       "--out") from None
+    old = tmp.with_name(tmp.name + ".old")
+    try:
+        write_tree(files, tmp)
+        (tmp / MARKER).write_text("written by `inv render`; replaced whole on the next run\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)
+        if out_dir.is_dir():
+            out_dir.rename(old)
+            try:
+                tmp.rename(out_dir)
+            except OSError:
+                old.rename(out_dir)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out_dir)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        what = exc.filename or tmp
+        raise OpsError(f"cannot write the rendered tree ({what}: {exc.strerror or exc}); "
+                       f"{out_dir} is unchanged") from None
+    return [out_dir / rel for rel in sorted(files)]
+
+
 # --- validators ---------------------------------------------------------------
 
 
@@ -323,12 +378,15 @@ def render(c, out="build", validate=True):
     OUT, laid out as under the stack root on the server, then checks it with
     nginx -t, gixy, promtool, docker compose config and systemd-analyze
     verify -- each one that is installed; the others are listed as skipped.
-    Exits 1 if a validator rejects a file. Needs no server.
+    Exits 1 if a validator rejects a file. Needs no server. The tree is
+    written into a new directory next to OUT and renamed into place: OUT is
+    replaced whole (only if it holds a previous render, or nothing) and never
+    left half-written.
     """
     settings = settings_for(c)
     out_dir = Path(out).expanduser().resolve()
     files = render_tree(settings)
-    for path in write_tree(files, out_dir):
+    for path in publish_tree(files, out_dir):
         print(f"wrote {path}")
     if not validate:
         return

@@ -164,6 +164,13 @@ def _start(host: Host, settings: Settings, service: str) -> None:
     host.run(compose(settings, "start", service), sudo=True, timeout=180)
 
 
+def _undo(safety: dict | None, kind: str) -> str:
+    """The end of a restore's last line: how to go back to what was there."""
+    if not safety:
+        return " (no safety backup was taken)"
+    return f"; to go back: restore.{kind} --backup {safety['name']}"
+
+
 # --- postgres ---------------------------------------------------------------------
 
 
@@ -184,11 +191,12 @@ def restore_postgres(host: Host, settings: Settings, entry: Entry, *, safety_bac
                        "and no POSTGRES_DB in .env)")
     stamp = _stamp()
     new, old = f"{database}_restore_{stamp}", f"{database}_pre_restore_{stamp}"
+    safety = None
     with server_lock(host, lock_path(settings, "postgres"),
                      wait=settings.backup.lock_wait_seconds, task="restore.postgres"):
         if safety_backup:
             safety = run_backup(host, settings, "postgres", reason="pre-restore", offsite=False,
-                                prune=False, lock=False)
+                                prune=False, lock=False, label="safety")
             host.say(f"safety backup of the current database: {safety['name']}")
         restore_into(host, settings, entry, new)
         try:
@@ -227,12 +235,13 @@ def restore_postgres(host: Host, settings: Settings, entry: Entry, *, safety_bac
         else:
             drop_database(host, settings, old)
     host.say(f"restored {entry.name} into {database}: {len(after)} tables, "
-             f"{sum(after.values())} rows, counts match the backup")
+             f"{sum(after.values())} rows, counts match the backup" + _undo(safety, "postgres"))
     return {"database": database, "tables": after, "old": old if keep_old else None}
 
 
 @ops_task(help={
-    "backup": "backup name, file on the server, or s3://bucket/key (default: latest)",
+    "backup": "backup name, file on the server, s3://bucket/key, or 'safety' (the last "
+              "restore's safety copy; default: the latest regular backup)",
     "yes": "do not ask for confirmation (for automation)",
     "safety_backup": "back up the current database first (default: yes)",
     "keep_old": "keep the replaced database (renamed, connections disabled)",
@@ -323,6 +332,7 @@ def restore_redis(host: Host, settings: Settings, entry: Entry, *, safety_backup
     """Put ``entry``'s RDB in place of Redis' data (already checked and confirmed)."""
     m = entry.manifest
     aside = f"maicivy-pre-restore-{_stamp()}"
+    safety = None
     directory = (m.get("rdb_path") or "/data/dump.rdb").rpartition("/")[0] or "/"
     low = int(m.get("keys", 0)) - int(m.get("expires", 0))
     high = int(m.get("keys", 0))
@@ -330,7 +340,7 @@ def restore_redis(host: Host, settings: Settings, entry: Entry, *, safety_backup
                      wait=settings.backup.lock_wait_seconds, task="restore.redis"):
         if safety_backup:
             safety = run_backup(host, settings, "redis", reason="pre-restore", offsite=False,
-                                prune=False, lock=False)
+                                prune=False, lock=False, label="safety")
             host.say(f"safety backup of the current data: {safety['name']}")
         backend = _running(host, settings, "backend")
         if backend:
@@ -366,12 +376,14 @@ def restore_redis(host: Host, settings: Settings, entry: Entry, *, safety_backup
         finally:
             if backend:
                 _start(host, settings, "backend")
-    host.say(f"restored {entry.name} into redis: {keys} keys, as recorded in the backup")
+    host.say(f"restored {entry.name} into redis: {keys} keys, as recorded in the backup"
+             + _undo(safety, "redis"))
     return keys
 
 
 @ops_task(help={
-    "backup": "backup name, file on the server, or s3://bucket/key (default: latest)",
+    "backup": "backup name, file on the server, s3://bucket/key, or 'safety' (the last "
+              "restore's safety copy; default: the latest regular backup)",
     "yes": "do not ask for confirmation (for automation)",
     "safety_backup": "back up the current data first (default: yes)",
     "keep_old": "keep the replaced data files in the redis volume",

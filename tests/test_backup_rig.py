@@ -233,6 +233,51 @@ def test_disk_full_leaves_no_partial_file_and_the_older_backups_intact(rig, tmp_
         subprocess.run(["umount", str(full)], check=False)
 
 
+def _used_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
+def test_a_disk_that_fills_exactly_at_the_manifest_fails_cleanly_via_fab_and_inv(rig, tmp_path):
+    # The data files fit, the manifest does not: the run must fail with one line
+    # naming the manifest and the cause, and take its data files away (a backup
+    # without a manifest does not exist), through SSH (fab) and on the server (inv).
+    full = tmp_path / "exact"
+    full.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=700", "tmpfs",
+                            str(full)], capture_output=True, text=True)
+    if mount.returncode != 0:
+        pytest.fail(f"cannot mount a tmpfs (the rig runs as root): {mount.stderr}")
+    try:
+        config = rig.config(backup={"dir": str(full)})
+        ok(rig.fab("backup.postgres", config=config))
+        m = json.loads(next((full / "postgres").glob("*.json")).read_text())
+        pages = sum(-(-n // 4096) for n in (m["size"], m["globals"]["size"]))
+        older = {p.name: sha256_file(p) for p in (full / "postgres").iterdir()}
+        good = rig.metrics("postgres")["maicivy_backup_last_success_timestamp_seconds"]
+        # Room for one more dump and its globals (same database, same size), not a byte more.
+        subprocess.run(["mount", "-o", f"remount,size={_used_bytes(full) + pages * 4096}",
+                        str(full)], check=True)
+        for cli in (rig.fab, rig.inv):
+            proc = cli("backup.postgres", config=config)
+            assert proc.returncode != 0, proc.stdout
+            assert "Traceback" not in proc.stderr, proc.stderr
+            assert len(errors(proc)) == 1, proc.stderr
+            line = errors(proc)[0]
+            assert re.search(r"cannot write \S+/postgres/postgres-\S+\.json"
+                             r"( on \S+)?: No space left on device", line), line
+            assert "verified" not in proc.stdout
+            after = {p.name: sha256_file(p) for p in (full / "postgres").iterdir()}
+            assert after == older  # no data file of the failed run, the older one intact
+            metrics = rig.metrics("postgres")
+            assert metrics["maicivy_backup_last_result"] == 0
+            assert metrics["maicivy_backup_last_success_timestamp_seconds"] == good
+        listing = ok(rig.fab("backup.list", "--kind", "postgres", config=config))
+        assert "incomplete" not in listing.stdout and m["name"] in listing.stdout
+    finally:
+        subprocess.run(["umount", str(full)], check=False)
+
+
 def _wait_group_gone(pgid: int, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -299,11 +344,11 @@ def test_check_list_and_the_restore_drill(rig):
         data.write_bytes(original)
 
 
-def _fake_old_copy(rig, m: dict, days: int) -> str:
+def _fake_old_copy(rig, m: dict, days: int, d: Path | None = None) -> str:
     """A copy of backup ``m`` that looks ``days`` old (new name, manifest, files)."""
     t = datetime.now(UTC) - timedelta(days=days)
     name = f"postgres-{t:%Y%m%dT%H%M%SZ}"
-    d = rig.kind_dir("postgres")
+    d = d or rig.kind_dir("postgres")
     fake = dict(m, name=name, created_at=f"{t:%Y-%m-%dT%H:%M:%SZ}",
                 file=m["file"].replace(m["name"], name),
                 globals=dict(m["globals"], file=m["globals"]["file"].replace(m["name"], name)))
@@ -333,6 +378,32 @@ def test_prune_dry_run_shows_what_would_go_and_why_then_prune_removes_it(rig):
     assert not [f for f in left if any(n in f for n in old)] and orphan.name not in left
     assert f"{m['name']}.json" in left and m["file"] in left
 
+
+
+def test_retention_never_counts_a_bad_newest_backup_nor_deletes_the_only_good_one(rig, tmp_path):
+    # min_keep 1, one good backup 45 days old, and the newest with one flipped byte:
+    # the bad one must not count as "the newest 1", the good one must stay.
+    config = rig.config(backup={"dir": str(tmp_path / "b"), "min_keep": 1})
+    ok(rig.fab("backup.postgres", "--no-prune", config=config))
+    d = tmp_path / "b" / "postgres"
+    m = json.loads(next(d.glob("*.json")).read_text())
+    old = _fake_old_copy(rig, m, 45, d)
+    data = d / m["file"]
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    data.write_bytes(bytes(raw))
+    files = sorted(p.name for p in d.iterdir())
+
+    proc = ok(rig.fab("backup.prune", "--kind", "postgres", config=config))
+    assert sorted(p.name for p in d.iterdir()) == files  # nothing deleted
+    warning = [ln for ln in proc.stdout.splitlines() if ln.startswith("warning:")]
+    assert len(warning) == 1 and m["name"] in warning[0] and "BAD" in warning[0]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("keep") and old in ln][0]
+    assert "min_keep" in line
+    # The good one is still there and restorable-checkable; the bad one is refused.
+    ok(rig.fab("backup.verify", "--backup", old, config=config))
+    bad = rig.fab("backup.verify", "--backup", m["name"], config=config)
+    assert bad.returncode != 0 and "checksum mismatch" in errors(bad)[0]
 
 
 # --- off-site copies (moto's S3 server on 127.0.0.1) ---------------------------------
@@ -365,6 +436,8 @@ def test_offsite_copy_is_streamed_verified_checked_and_restorable(rig, moto):
     assert json.loads(s3.get_object(Bucket=BUCKET, Key=f"prod/postgres/{m['name']}.json")
                       ["Body"].read())["sha256"] == m["sha256"]
     assert m["offsite"]["verified"]
+    for k in (key, f"prod/postgres/{m['name']}.json"):  # encrypted at rest (backup.s3.sse)
+        assert s3.head_object(Bucket=BUCKET, Key=k)["ServerSideEncryption"] == "AES256"
     assert rig.metrics("postgres")["maicivy_backup_offsite_last_success_timestamp_seconds"] > 0
     ok(rig.fab("backup.redis", config=config))
 

@@ -86,6 +86,18 @@ def test_unverified_backups_do_not_count_and_are_removed():
     assert "incomplete" in decisions[0].reason and not decisions[0].keep
 
 
+def test_a_bad_backup_never_counts_and_is_kept_aside():
+    from dataclasses import replace
+
+    newest_bad, older_good = b(0), b(45)
+    decisions = plan([replace(newest_bad, bad="sha256 differs"), older_good], now=NOW,
+                     retention_days=30, min_keep=1)
+    assert kept(decisions) == [newest_bad.name, older_good.name]
+    bad, good = decisions
+    assert "BAD: sha256 differs; kept aside" in bad.reason and not bad.counted
+    assert "min_keep" in good.reason and good.counted
+
+
 def test_restic_tiers_keep_the_newest_of_each_of_the_last_n_periods_with_a_backup():
     # Two backups a day for 20 days, then a 30-day gap, then 3 more days.
     backups = []

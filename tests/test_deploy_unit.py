@@ -3,6 +3,7 @@ restore script run for real by a local bash (no SSH, no Docker)."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import tarfile
 
@@ -211,7 +212,9 @@ def test_lock_refuses_a_second_holder_and_is_released_with_its_holder(tmp_path):
     assert not (tmp_path / "srv/.deploy/lock.owner").exists()
     # What the holder is given on stdin goes to the deploy log.
     log = (tmp_path / "srv/.deploy/deploy.log").read_text()
-    assert log == "2026-11-25T10:00:00Z user=bob@desk result=ok\n"
+    # ... followed by who ran it as the server sees it (fabfile/audit.py).
+    assert re.fullmatch(r"2026-11-25T10:00:00Z user=bob@desk result=ok server_user=\S+ "
+                        r"sudo_user=\S+ ssh_from=\S+\n", log), log
 
 
 def test_lock_snapshot_holds_the_managed_files(tmp_path):

@@ -54,6 +54,22 @@ def env_of(target) -> dict[str, str]:
     return parse_env(target.exec(f"cat {ROOT}/.env").stdout)
 
 
+def test_provision_refuses_a_firewall_that_would_lock_out_this_session(ssh_host, target,
+                                                                       tmp_path):
+    """sshd answers on 22 in there; with provision.ssh_port 2222, ufw would shut us out."""
+    wrong = write_config(tmp_path / "maicivy.yaml",
+                         {"provision": {**OVERRIDES["provision"], "ssh_port": 2222}},
+                         [str(target.known_hosts)])
+    proc = fab(ssh_host, wrong, "provision", host=target.target, timeout=300)
+    errors = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 1 and len(errors) == 1, proc.stdout + proc.stderr
+    assert "reached sshd on port 22, but provision.ssh_port is 2222" in errors[0]
+    assert "Traceback" not in proc.stderr
+    # Refused before anything changed: no stack root, firewall untouched.
+    assert target.exec(f"test -e {ROOT}", check=False).returncode != 0
+    assert "Status: active" not in target.exec("ufw status", check=False).stdout
+
+
 def test_first_provision_sets_up_the_fresh_server(ssh_host, target):
     proc = provision(ssh_host, target)
     out = proc.stdout + proc.stderr

@@ -64,6 +64,37 @@ def test_postgres_backup_change_restore_gives_back_the_same_data(rig):
     rig.wait_healthy("backend", "postgres")
 
 
+def test_restoring_twice_does_not_undo_the_first_and_says_how_to_go_back(rig):
+    # The safety copy a restore takes is labelled, and never "the latest" backup:
+    # a second restore without --backup restores the same backup again.
+    m = backup(rig, "postgres")
+    wanted = pg_state(rig)
+    rig.psql("DELETE FROM accounts WHERE id > 100")
+    changed = rig.counts()
+    first = rig.fab("restore.postgres", "--yes")
+    assert first.returncode == 0, first.stdout + first.stderr
+    safety = rig.latest("postgres")
+    assert safety["label"] == "safety" and safety["name"].endswith("-safety")
+    assert safety["tables"] == changed and safety["name"] != m["name"]
+    last = first.stdout.strip().splitlines()[-1]
+    assert last.startswith(f"restored {m['name']} into maicivy")
+    assert last.endswith(f"to go back: restore.postgres --backup {safety['name']}")
+    second = rig.fab("restore.postgres", "--yes")
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert f"restored {m['name']} " in second.stdout
+    assert pg_state(rig) == wanted  # still the backup's data, not the safety copy's
+    assert rig.fab("backup.verify").stdout.count(m["name"]) == 1
+    listing = rig.fab("backup.list", "--quick", "--kind", "postgres").stdout
+    row = [ln for ln in listing.splitlines() if safety["name"] in ln][0]
+    assert row.rstrip().endswith("safety (pre-restore)")
+    # Going back on purpose: --backup safety picks the newest safety copy.
+    newest_safety = [x for x in rig.manifests("postgres") if x.get("label") == "safety"][-1]
+    back = rig.fab("restore.postgres", "--backup", "safety", "--yes", "--no-safety-backup")
+    assert back.returncode == 0, back.stdout + back.stderr
+    assert f"restored {newest_safety['name']} " in back.stdout
+    assert rig.counts() == newest_safety["tables"]
+
+
 def test_redis_backup_change_restore_gives_back_the_same_keys_and_values(rig):
     before = rig.redis_snapshot()
     assert len(before) == 57 and before["session"] == ("string", ('"temp"',), True)
