@@ -118,6 +118,8 @@ def facts_script(packages: list[str]) -> str:
 
 
 _ALL_COMPOSE = ("docker-compose", "docker-compose-v2", "docker-compose-plugin")
+# Every package whose state the facts report (whatever the distribution).
+ALL_PACKAGES = [*BASE_PACKAGES, *_ALL_COMPOSE, "docker-cli"]
 
 
 @dataclass
@@ -563,13 +565,11 @@ def provision_host(host: Host, settings: Settings) -> Report:
     lockout = ssh_port_lockout(session, settings.provision.ssh_port)
     if lockout:
         raise OpsError(f"{host.name}: {lockout}")
-    facts = parse_facts(host.check(facts_script(
-        list(BASE_PACKAGES) + list(_ALL_COMPOSE)), sudo=True).stdout)
+    facts = parse_facts(host.check(facts_script(ALL_PACKAGES), sudo=True).stdout)
     if step_packages(host, facts, report):
         # What was just installed (cron, ufw, docker, compose) must be seen by
         # the steps below, in this same run.
-        facts = parse_facts(host.check(facts_script(
-            list(BASE_PACKAGES) + list(_ALL_COMPOSE)), sudo=True).stdout)
+        facts = parse_facts(host.check(facts_script(ALL_PACKAGES), sudo=True).stdout)
     r = host.run(directories_script(directories(settings)), sudo=True)
     made = [p for p in r.stdout.split() if p]
     if made:

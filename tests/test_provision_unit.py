@@ -81,6 +81,13 @@ def test_compose_plugin_package_per_distribution():
     assert {"docker.io", "docker-cli", "docker-compose"} <= set(wanted_packages("debian", "13"))
     assert "docker-cli" not in wanted_packages("debian", "12")
     assert "docker-cli" not in wanted_packages("ubuntu", "24.04")
+    # Every package provision may want is one whose state the facts report
+    # (else it would be "missing", and installed again, on every run).
+    from fabfile.provision import ALL_PACKAGES, facts_script
+
+    for os_id, version in (("debian", "12"), ("debian", "13"), ("ubuntu", "24.04")):
+        for pkg in wanted_packages(os_id, version):
+            assert pkg in ALL_PACKAGES and f" {pkg}" in facts_script(ALL_PACKAGES), pkg
     assert compose_package("ubuntu", "24.04") == "docker-compose-v2"
     assert "docker-compose-v2" in wanted_packages("ubuntu", "24.04")
     wanted = wanted_packages("debian", "12")
