@@ -428,13 +428,14 @@ def nginx_reload_cmd(settings: Settings) -> str:
 def swap_cmd(settings: Settings, old: Iterable[Container], grace: int = 30) -> str:
     """Let nginx see the new container, retire the old ones, then reload again.
 
-    nginx resolves ``backend`` at reload: first to old + new, so that requests
-    keep flowing while the old container drains and stops (it refuses new
+    nginx asks Docker's DNS for ``backend`` at request time (cached 5 s); a
+    reload empties that cache: first it sees old + new, so that requests keep
+    flowing while the old container drains and stops (it refuses new
     connections at once and nginx retries the other replica:
-    ``proxy_next_upstream``); as soon as it has stopped, to the new one only
+    ``proxy_next_upstream``); as soon as it has stopped, the new one only
     (the old address would no longer answer at all). Old containers that are
     not healthy (a failed release being rolled back) are removed *before*
-    that first reload, so nginx never sends them a request.
+    that first reload.
     """
     old = list(old)
     sick = " ".join(shlex.quote(c.id) for c in old if c.health not in ("healthy", ""))
