@@ -19,7 +19,6 @@ from datetime import UTC, datetime
 from invoke import Collection
 
 from . import backup_s3 as s3mod
-from .backup_lock import server_lock
 from .backup_retention import format_plan, plan
 from .backup_shell import (
     KINDS,
@@ -51,6 +50,8 @@ from .config import Settings
 from .core import host_for, ops_task, settings_for
 from .errors import OpsError
 from .host import Host
+from .lock import backup_locks, server_lock
+from .progress import step
 from .stack import read_env
 
 TOOL = "maicivy-ops 0.1.0"
@@ -319,14 +320,16 @@ def run_backup(
     start = time.time()
     offsite_error = None
     offsite_ok = None
-    held = (server_lock(host, lock_path(settings, kind), wait=settings.backup.lock_wait_seconds,
-                        task=task or f"backup.{kind}") if lock else nullcontext())
+    # The stack lock shared (never beside a deploy or restore), then this kind's lock.
+    held = (backup_locks(host, settings, lock_path(settings, kind), task or f"backup.{kind}")
+            if lock else nullcontext())
     with held:
         try:
             host.run(f"install -d -m 700 -- {shlex.quote(settings.backup.dir)} "
                      f"{shlex.quote(kind_dir(settings, kind))}", sudo=True)
             _remove_incomplete(host, settings, kind)
-            manifest = _make_backup(host, settings, kind, reason, label)
+            with step(f"{kind} backup: dump, verify, manifest"):
+                manifest = _make_backup(host, settings, kind, reason, label)
         except BaseException as exc:
             try:
                 write_metrics(host, settings, kind, ok=False, ended=time.time(),

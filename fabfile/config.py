@@ -323,6 +323,9 @@ SCHEMA: dict[str, Any] = {
                              "releases kept for deploy.rollback"),
         "health_timeout_seconds": Key(120, integer(5, 3600, "a number of seconds 5-3600"),
                                       "how long a new container may take to become healthy"),
+        "lock_wait_seconds": Key(600, integer(0, 86400, "a number of seconds 0-86400"),
+                                 "how long deploy, restore... wait for running backups "
+                                 "(they share the stack lock)"),
     },
     # What `provision` sets up on a fresh server (fabfile/provision.py).
     "provision": {

@@ -42,7 +42,10 @@ def settings_for(c) -> Settings:
 def host_for(c, settings: Settings, dry_run: bool = False) -> Host:
     """The Host wrapper a task works through."""
     harden_connection(c, settings.known_hosts)
-    return Host(c, dry_run=dry_run, use_sudo=settings.sudo)
+    host = Host(c, dry_run=dry_run, use_sudo=settings.sudo)
+    # Inside a task that holds the stack lock (fabfile.lock.locked): guard its commands.
+    host.guard = None if dry_run else vars(c).get("_maicivy_guard")
+    return host
 
 
 def fail(message: str, code: int = 1) -> Exit:

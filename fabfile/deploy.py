@@ -23,30 +23,35 @@ The pure half (scripts and their parsing) is in :mod:`fabfile.release`.
 
 from __future__ import annotations
 
-import difflib
-import getpass
+import json
+import re
 import shlex
-import socket
-import subprocess
 import time
 from datetime import UTC, datetime
 
-from .config import SERVICES, Settings
+from .config import APP_IMAGES, SERVICES, Settings
 from .core import host_for, ops_task, settings_for
-from .errors import OpsError
-from .host import Host, sha256, sudo_wrap, upload_if_changed
+from .errors import ConfigError, OpsError
+from .host import Host, sha256, upload_if_changed
+from .lock import LockLost, StackLock, break_lock, stack_lock, who
+from .progress import step
 from .release import (
-    BUSY,
     ROLLING,
+    Diagnosis,
     Plan,
     Proof,
     ServerState,
+    attempt_dir,
+    deploy_report_script,
+    diagnose_script,
+    end_attempt_cmd,
     gate_failures,
     gate_script,
     image_refs,
-    lock_script,
+    log_append,
     log_line,
     mounted_files,
+    parse_diagnoses,
     parse_images,
     parse_plan,
     parse_state,
@@ -60,6 +65,7 @@ from .release import (
     reloads_for,
     remove_cmd,
     restore_script,
+    save_images_cmd,
     scale_up_cmd,
     sections,
     state_dir,
@@ -73,6 +79,10 @@ from .stack import ensure_certificates, remote_files
 class DeployFailed(OpsError):
     """The new release did not pass; the caller rolls back."""
 
+    def __init__(self, message: str, diagnosed: bool = False):
+        super().__init__(message)
+        self.diagnosed = diagnosed  # what the failed container says was printed
+
 
 def now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -82,116 +92,40 @@ def new_release_id() -> str:
     return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
 
 
-def local_user() -> str:
-    try:
-        user = getpass.getuser()
-    except Exception:  # pragma: no cover - no passwd entry
-        user = "unknown"
-    return f"{user}@{socket.gethostname()}"
+# --- image tags given on the command line ---------------------------------------------
+
+_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 
 
-# --- the lock: one long-lived command whose stdin keeps it -----------------------
+def with_tag(ref: str, tag: str) -> str:
+    """``ref`` with its tag (or digest) replaced by ``tag``."""
+    name = ref.split("@", 1)[0]
+    slash = name.rfind("/")
+    colon = name.rfind(":")
+    if colon > slash:
+        name = name[:colon]
+    return f"{name}:{tag}"
 
 
-class DeployLock:
-    """The server-side deploy lock, held by a command that lives as long as we do.
-
-    Over SSH it is a paramiko session channel; locally (``inv`` on the server)
-    a subprocess. Closing its stdin -- or losing the connection -- releases it.
-    """
-
-    def __init__(self, host: Host, settings: Settings, managed, owner: str | None = None):
-        self.host = host
-        self.settings = settings
-        self.script = lock_script(settings, owner or f"{local_user()} since {now()}", managed)
-        if host.use_sudo:
-            self.script = sudo_wrap(self.script)
-        self._chan = None
-        self._proc = None
-
-    def acquire(self, timeout: float = 120) -> ServerState:
-        """Take the lock; return what the server reported. Raises OpsError if busy."""
-        if self.host.is_remote:
-            text, status = self._open_channel(timeout)
-        else:
-            text, status = self._open_process(timeout)
-        state = parse_state(text)
-        if state.busy is not None or status == BUSY:
-            self.release()
-            raise OpsError(f"{self.host.name}: another deploy holds the lock: "
-                           f"{state.busy or 'owner unknown'}. Wait for it, or run "
-                           "deploy.unlock if it is stale")
-        if status is not None:
-            self.release()
-            raise OpsError(f"{self.host.name}: could not take the deploy lock "
-                           f"(exit {status}): {text.strip().splitlines()[-1:] or ''}")
-        return state
-
-    def _open_channel(self, timeout: float):
-        chan = self.host.open_channel(self.script, timeout=timeout)
-        self._chan = chan
-        buf = b""
-        while b"== ready\n" not in buf:
-            try:
-                data = chan.recv(65536)
-            except TimeoutError as exc:
-                raise OpsError(f"{self.host.name}: the lock command did not answer within "
-                               f"{timeout}s") from exc
-            if not data:
-                err = chan.recv_stderr(65536).decode(errors="replace")
-                return buf.decode(errors="replace") + err, chan.recv_exit_status()
-            buf += data
-        return buf.decode(errors="replace"), None
-
-    def _open_process(self, timeout: float):
-        proc = subprocess.Popen(["bash", "-c", self.script], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self._proc = proc
-        lines = []
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                err = proc.stderr.read().decode(errors="replace")
-                return "".join(lines) + err, proc.wait()
-            lines.append(line.decode(errors="replace"))
-            if line == b"== ready\n":
-                return "".join(lines), None
-        raise OpsError("the lock command did not answer in time")
-
-    def log(self, line: str) -> None:
-        """Append a line to the deploy log on the server (through the lock holder)."""
-        data = (line.replace("\n", " ") + "\n").encode()
-        try:
-            if self._chan is not None:
-                self._chan.sendall(data)
-            elif self._proc is not None:
-                self._proc.stdin.write(data)
-                self._proc.stdin.flush()
-        except OSError as exc:  # the connection is gone; keep the original error
-            self.host.say(f"warning: could not write the deploy log: {exc}")
-
-    def release(self) -> None:
-        if self._chan is not None:
-            try:
-                self._chan.shutdown_write()
-                self._chan.settimeout(30)
-                self._chan.recv_exit_status()
-            except Exception:  # the connection may be gone: the lock went with it
-                pass
-            finally:
-                self._chan.close()
-                self._chan = None
-        if self._proc is not None:
-            try:
-                self._proc.stdin.close()
-                self._proc.wait(timeout=30)
-            except Exception:  # pragma: no cover
-                self._proc.kill()
-            self._proc = None
+def with_tags(settings: Settings, tags: dict[str, str]) -> Settings:
+    """The settings with the app images' tags replaced (``deploy --backend-tag``)."""
+    tags = {s: t for s, t in tags.items() if t}
+    if not tags:
+        return settings
+    data = json.loads(json.dumps(settings))
+    for service, tag in tags.items():
+        if service not in APP_IMAGES or not _TAG.fullmatch(tag):
+            raise ConfigError(f"--{service}-tag must be an image tag ([A-Za-z0-9_.-], at most "
+                              f"128 characters, not starting with . or -), got {tag!r}")
+        data["images"][service] = with_tag(data["images"][service], tag)
+    return Settings.wrap(data)
 
 
 # --- the steps -------------------------------------------------------------------
+
+
+def local_user() -> str:
+    return who()
 
 
 def _pre_deploy_backup(host: Host, settings: Settings, plan: Plan):
@@ -210,42 +144,86 @@ def _pre_deploy_backup(host: Host, settings: Settings, plan: Plan):
     return manifest
 
 
-def converge(host: Host, settings: Settings, plan: Plan) -> list[str]:
+def _step(host: Host, label: str) -> None:
+    """Name the next steps in the journal (when a stack lock guards the host)."""
+    if isinstance(host.guard, StackLock):
+        host.guard.step(label)
+
+
+def say_diagnoses(host: Host, diagnoses: list[Diagnosis]) -> None:
+    for d in diagnoses:
+        host.say(f"{host.name}: what {d.name} says:")
+        for line in d.lines:
+            host.say(line)
+
+
+def diagnose(host: Host, settings: Settings) -> list[Diagnosis]:
+    """Diagnoses of the project's containers that are not healthy (read-only)."""
+    r = host.check(diagnose_script(settings), sudo=True, timeout=120)
+    return parse_diagnoses(r.stdout)
+
+
+def converge(host: Host, settings: Settings, plan: Plan, rolling_back: bool = False) -> list[str]:
     """Bring every service to the planned state. Returns the services touched.
 
-    Raises DeployFailed when a new container does not become healthy.
+    Raises DeployFailed when a new container does not become healthy, after
+    printing what it says (health checks, logs).
     """
     timeout = int(settings.deploy.health_timeout_seconds)
     touched = []
     for service in plan.rolling:
-        stopped = [c for c in plan.stale(service) if not c.running]
+        stopped = [c for c in plan.of(service) if not c.running and not plan.is_current(c)]
         if stopped:
+            _step(host, f"{service}: remove stopped containers")
             host.run(remove_cmd(stopped), sudo=True)
         running = [c for c in plan.of(service) if c.running]
         good = plan.good(service)
+        new_name = ""
         if not good:
             host.say(f"{service}: starting the new container beside the old one")
-            r = host.run(scale_up_cmd(settings, service, len(running) + 1, timeout,
-                                      [c.id for c in plan.of(service)]),
-                         sudo=True, warn=True, timeout=timeout + 120)
+            _step(host, f"{service}: start the new container")
+            with step(f"{service}: wait until the new container is healthy") as s:
+                r = host.run(scale_up_cmd(settings, service, len(running) + 1, timeout,
+                                          [c.id for c in plan.of(service)]),
+                             sudo=True, warn=True, timeout=timeout + 120)
+                s.failed = r.failed
+            sec = sections(r.stdout)
+            new = " ".join(sec.get("new", [])).split()
+            new_name = new[1] if len(new) > 1 else (new[0][:12] if new else "")
             if r.failed:
-                status = " ".join(sections(r.stdout).get("status", [])) or "no status"
-                raise DeployFailed(f"the new {service} container did not become healthy "
-                                   f"within {timeout}s ({status})")
+                status = " ".join(sec.get("status", [])) or "no status"
+                diagnoses = parse_diagnoses(r.stdout)
+                say_diagnoses(host, diagnoses)
+                short = "; ".join(d.short for d in diagnoses if d.short)
+                raise DeployFailed(
+                    f"the new {service} container {new_name or ''} did not become healthy "
+                    f"within {timeout}s ({status})".replace("  ", " ")
+                    + (f": {short}" if short else ""), diagnosed=True)
         # Retire everything but the newest good container.
         keep = sorted(good, key=lambda c: c.created)[-1:] if good else []
         old = [c for c in running if c not in keep]
         if old:
-            host.say(f"{service}: new container healthy; nginx now sends traffic to it, "
-                     f"retiring {', '.join(c.short for c in old)}")
+            names = ", ".join(c.short for c in old)
+            if new_name:
+                host.say(f"{service}: new container {new_name} healthy; nginx now sends "
+                         f"traffic to it, retiring {names}")
+            elif rolling_back:
+                host.say(f"{service}: {keep[0].short if keep else 'the previous container'} "
+                         f"(previous release) keeps serving; removing {names}")
+            else:
+                host.say(f"{service}: {keep[0].short if keep else 'the current container'} "
+                         f"is current; retiring {names}")
+            _step(host, f"{service}: retire {names}")
             host.run(swap_cmd(settings, old), sudo=True, timeout=300)
         touched.append(service)
     if plan.recreate:
         host.say(f"compose up: {', '.join(plan.recreate)}")
+        _step(host, f"compose up: {', '.join(plan.recreate)}")
         r = host.run(up_cmd(settings, timeout), sudo=True, warn=True, timeout=timeout + 300)
         if r.failed:
-            detail = (r.stderr or r.stdout).strip().splitlines()
-            raise DeployFailed(f"compose up failed: {detail[-1] if detail else 'no output'}")
+            from .host import last_lines
+
+            raise DeployFailed(f"compose up failed: {last_lines(r.stderr, r.stdout)}")
         touched += plan.recreate
     return touched
 
@@ -255,11 +233,12 @@ def reload_changed(host: Host, settings: Settings, changed_rel, touched) -> None
         if service in touched:
             continue
         host.say(f"{service}: reloading (its configuration changed)")
+        _step(host, f"{service}: reload")
         r = host.run(reload_cmd(settings, service), sudo=True, warn=True, timeout=180)
         if r.failed:
-            detail = (r.stderr or r.stdout).strip().splitlines()
-            raise DeployFailed(f"reloading {service} failed: "
-                               f"{detail[-1] if detail else 'no output'}")
+            from .host import last_lines
+
+            raise DeployFailed(f"reloading {service} failed: {last_lines(r.stderr, r.stdout)}")
 
 
 def health_gate(host: Host, settings: Settings, attempts: int = 5,
@@ -270,6 +249,14 @@ def health_gate(host: Host, settings: Settings, attempts: int = 5,
     bytes its container sees and the configuration it loaded (see
     :func:`~fabfile.release.proof_failures`).
     """
+    with step("health gate") as s:
+        problems = _health_gate(host, settings, attempts, proof)
+        s.failed = bool(problems)
+    return problems
+
+
+def _health_gate(host: Host, settings: Settings, attempts: int,
+                 proof: Proof | None) -> list[str]:
     problems: list[str] = []
     script = gate_script(settings)
     if proof is not None:
@@ -307,20 +294,26 @@ def restored_proof(host: Host, settings: Settings, managed) -> Proof:
 
 def _plan(host: Host, settings: Settings, refs, pull: bool, http: bool = False):
     """(Pull,) read the stack's state and plan; returns (plan, raw output)."""
-    r = host.run(plan_script(settings, refs, pull, http), sudo=True, warn=True, timeout=1800)
+    _step(host, "pull and plan" if pull else "plan")
+    with step("pull images" if pull else "read the stack's state") as s:
+        r = host.run(plan_script(settings, refs, pull, http), sudo=True, warn=True,
+                     timeout=1800)
+        s.failed = r.failed
     if r.failed:
+        from .host import last_lines
+
         refused = sections(r.stdout).get("login-failed")
         if refused:
             raise OpsError(f"{host.name}: docker login to {refused[0]}; check "
                            f"REGISTRY_USERNAME and REGISTRY_PASSWORD in {settings.env_file}")
-        detail = (r.stderr or r.stdout).strip().splitlines()
         what = "docker compose pull" if pull else "reading the stack's state"
-        raise OpsError(f"{host.name}: {what} failed: {detail[-1] if detail else 'no output'}")
+        raise OpsError(f"{host.name}: {what} failed: {last_lines(r.stderr, r.stdout)}")
     return parse_plan(r.stdout, refs), r.stdout
 
 
 def restore(host: Host, settings: Settings, tar: str, managed, images) -> list[str]:
     """Put a snapshot's files and image tags back; returns the files it changed."""
+    _step(host, "restore the previous files")
     r = host.run(restore_script(settings, tar, managed, images), sudo=True)
     return sections(r.stdout).get("changed", [])
 
@@ -331,7 +324,7 @@ def roll_back(host: Host, settings: Settings, tar: str, managed, images, changed
     refs = image_refs(settings)
     refs.update({s: ref for s, (ref, _i) in images.items()})
     plan, _ = _plan(host, settings, refs, pull=False)
-    touched = converge(host, settings, plan)
+    touched = converge(host, settings, plan, rolling_back=True)
     reload_changed(host, settings, set(changed) | set(restored), touched)
     problems = health_gate(host, settings, proof=restored_proof(host, settings, managed))
     if problems:
@@ -343,26 +336,47 @@ def deploy_host(host: Host, settings: Settings) -> str:
     """Deploy to one host; returns 'unchanged' or the new release id. Raises OpsError."""
     files = remote_files(settings)
     managed = list(files)
-    lock = DeployLock(host, settings, managed)
-    state = lock.acquire()
-    try:
+    with stack_lock(host, settings, "deploy",
+                    report=deploy_report_script(settings, managed)) as lock:
+        state = parse_state(lock.report_text)
         return _deploy_locked(host, settings, files, state, lock)
-    finally:
-        lock.release()
+
+
+def describe_leftover(plan: Plan) -> str:
+    """What an interrupted deploy left, service by service (what this one converges)."""
+    out = []
+    for service in SERVICES:
+        mine = plan.of(service)
+        if plan.ok(service):
+            continue
+        stale = len(plan.stale(service))
+        out.append(f"{service}: {len(mine)} container(s), {stale} not current")
+    return "; ".join(out) or "every container is current"
 
 
 def _deploy_locked(host: Host, settings: Settings, files, state: ServerState,
-                   lock: DeployLock) -> str:
-    d = state_dir(settings)
-    root = settings.root.rstrip("/")
+                   lock: StackLock) -> str:
     managed = list(files)
+    snapshot = f"{attempt_dir(settings, state.base)}/files.tar"
+    user = local_user()
+
+    def finish(result: str, release: str, images, detail: str = "", end: bool = True):
+        extra = log_append(settings, log_line(now(), user, result, release, images, detail))
+        if end:
+            extra += "\n" + end_attempt_cmd(settings)
+        lock.finish(result, extra)
+
     if ".env" in state.unset:
+        lock.finish("refused")
         raise OpsError(f"{host.name}: {settings.env_file} does not exist; run provision "
                        "(it creates it with strong secrets) and deploy again")
     if state.unset:
+        lock.finish("refused")
         raise OpsError(f"{host.name}: {settings.env_file} lacks {', '.join(state.unset)}; "
                        "run provision (it fills missing secrets) and deploy again")
+    root = settings.root.rstrip("/")
     known = {f"{root}/{rel}": digest for rel, digest in state.hashes.items()}
+    lock.step("upload changed files")
     changed = upload_if_changed(host, files, known=known, sudo=True)
     changed_rel = relative(settings, changed)
     if changed:
@@ -370,11 +384,16 @@ def _deploy_locked(host: Host, settings: Settings, files, state: ServerState,
     refs = image_refs(settings)
     try:
         plan, output = _plan(host, settings, refs, pull=True, http=True)
-    except OpsError:
-        if changed:  # nothing runs on the new files yet: put the old ones back
-            restore(host, settings, f"{d}/pre/files.tar", managed, {})
+    except LockLost:
         raise
-    before = plan.running_images()
+    except OpsError as exc:
+        if changed:  # nothing runs on the new files yet: put the old ones back
+            restore(host, settings, snapshot, managed, {})
+        finish("failed", state.current, {}, str(exc))
+        raise
+    if state.base_interrupted:
+        host.say(f"{host.name}: state left by the interrupted deploy: {describe_leftover(plan)}")
+    before = state.base_images or plan.running_images()
     wanted = {s: (refs[s], plan.wanted_image[s]) for s in SERVICES}
     reloads = reloads_for(changed_rel)
     if plan.unchanged and not reloads:
@@ -383,30 +402,40 @@ def _deploy_locked(host: Host, settings: Settings, files, state: ServerState,
         if problems:  # maybe a blip: look again, a few times
             problems = health_gate(host, settings)
         result = "unchanged" if not problems else "unhealthy"
-        lock.log(log_line(now(), local_user(), result, state.current, wanted,
-                          "; ".join(problems)))
+        finish(result, state.current, wanted, "; ".join(problems))
         if problems:
             raise OpsError(f"{host.name}: nothing to change, but the stack is not healthy: "
                            f"{'; '.join(problems)}")
         host.say(f"{host.name}: nothing changed (files, images and containers are current)")
         return "unchanged"
+    if not state.base_interrupted and before:
+        lock.step("record the images before the deploy")
+        host.run(save_images_cmd(settings, state.base, before), sudo=True)
     try:
+        lock.step("stand-in certificates")
         # nginx cannot start without a certificate: a fresh server gets
         # self-signed stand-ins until ssl.obtain fetches real ones.
         made = ensure_certificates(host, settings)
         if made:
             host.say(f"self-signed stand-in certificate created for {', '.join(made)} "
                      "(run ssl.obtain for real ones)")
+    except LockLost:
+        raise
     except OpsError as exc:
         if changed:
-            restore(host, settings, f"{d}/pre/files.tar", managed, {})
+            restore(host, settings, snapshot, managed, {})
+        finish("failed", state.current, {}, f"stand-in certificates: {exc}")
         raise OpsError(f"{host.name}: creating the stand-in certificates failed, nothing "
                        f"deployed: {exc}") from exc
     try:
+        lock.step("pre-deploy backup")
         _pre_deploy_backup(host, settings, plan)
+    except LockLost:
+        raise
     except OpsError as exc:
         if changed:
-            restore(host, settings, f"{d}/pre/files.tar", managed, {})
+            restore(host, settings, snapshot, managed, {})
+        finish("failed", state.current, {}, f"pre-deploy backup: {exc}")
         raise OpsError(f"{host.name}: pre-deploy backup failed, nothing deployed: {exc}") from exc
     release = new_release_id()
     if release in state.releases:
@@ -416,54 +445,44 @@ def _deploy_locked(host: Host, settings: Settings, files, state: ServerState,
         reload_changed(host, settings, changed_rel, touched)
         problems = health_gate(host, settings, proof=deployed_proof(settings, files))
         if problems:
+            say_diagnoses(host, diagnose(host, settings))
             raise DeployFailed("health gate: " + "; ".join(problems))
     except DeployFailed as exc:
         reason = str(exc)
+        lock.verify("roll back")  # still ours? (another task may be why it failed)
+        if not exc.diagnosed:
+            say_diagnoses(host, diagnose(host, settings))
         host.say(f"{host.name}: deploy failed ({reason}); rolling back")
         if not before:
-            lock.log(log_line(now(), local_user(), "failed", "", wanted, reason))
+            finish("failed", "", wanted, reason)
             raise OpsError(f"{host.name}: deploy failed: {reason}; there was no previous "
                            "release to return to") from exc
         try:
-            roll_back(host, settings, f"{d}/pre/files.tar", managed, before, changed_rel)
+            roll_back(host, settings, snapshot, managed, before, changed_rel)
+        except LockLost:
+            raise
         except OpsError as again:
-            lock.log(log_line(now(), local_user(), "rollback-failed", state.current, before,
-                              f"{reason}; {again}"))
+            finish("rollback-failed", state.current, before, f"{reason}; {again}", end=False)
             raise OpsError(f"{host.name}: deploy failed ({reason}) and the rollback failed "
                            f"too: {again}") from exc
-        lock.log(log_line(now(), local_user(), "rolled-back", state.current, before, reason))
+        finish("rolled-back", state.current, before, reason)
         raise OpsError(f"{host.name}: deploy failed: {reason}; rolled back automatically to "
                        "the previous images and config, which serve again") from exc
-    host.run(record_script(settings, release, managed, wanted,
-                           log_line(now(), local_user(), "ok", release, wanted)), sudo=True)
+    lock.step("record the release")
+    host.run(record_script(settings, release, managed, wanted, ""), sudo=True)
+    finish("ok", release, wanted)
     host.say(f"{host.name}: deployed release {release} "
              f"({', '.join(touched) or 'configuration only'}); all services healthy")
     return release
 
 
-def dry_run_deploy(host: Host, settings: Settings) -> None:
-    """Print the diff of every file that would change and the commands that would run."""
+def dry_run_commands(host: Host, settings: Settings) -> None:
+    """Print the commands a deploy would run (deploy --dry-run --verbose)."""
     files = remote_files(settings)
     state = parse_state(host.check(probe_script(settings, list(files)), sudo=True).stdout)
     root = settings.root.rstrip("/")
-    if state.busy:
-        host.say(f"note: a deploy is running now: {state.busy}")
-    if state.unset:
-        host.say(f"note: {settings.env_file} lacks {', '.join(state.unset)}: a real deploy "
-                 "would refuse; run provision first")
     known = {f"{root}/{rel}": digest for rel, digest in state.hashes.items()}
     changed = [p for p, data in files.items() if known.get(p) != sha256(data)]
-    for path in changed:
-        old = host.read_file(path, sudo=True) if path in known else b""
-        diff = difflib.unified_diff(
-            old.decode(errors="replace").splitlines(keepends=True),
-            files[path].decode(errors="replace").splitlines(keepends=True),
-            fromfile=f"{host.name}:{path}" if path in known else "/dev/null",
-            tofile=f"{host.name}:{path} (new)",
-        )
-        host.say("".join(diff).rstrip("\n"))
-    if not changed:
-        host.say("no file would change")
     for path in changed:
         host.say(f"[dry-run] would write {path}")
     host.run(plan_script(settings, image_refs(settings), pull=True))
@@ -482,28 +501,45 @@ def dry_run_deploy(host: Host, settings: Settings) -> None:
 
 
 @ops_task(default=True, help={
-    "dry_run": "print the diff of every file that would change and the commands that "
-               "would run; change nothing",
+    "dry_run": "print the plan: the diff of every file that would change, then per "
+               "service the image running now, the one the registry has and what would "
+               "happen, and the backup; change nothing",
+    "verbose": "with --dry-run: also print the commands deploy would run",
+    "backend_tag": "deploy this tag of the backend image (e.g. sha-abc1234) instead of "
+                   "the one in the settings",
+    "frontend_tag": "deploy this tag of the frontend image instead of the one in the "
+                    "settings",
 })
-def deploy(c, dry_run=False):
+def deploy(c, dry_run=False, verbose=False, backend_tag="", frontend_tag=""):
     """Deploy the stack without downtime; roll back automatically if it is not healthy.
 
-    Takes the deploy lock, uploads the rendered files that changed, pulls the
+    Takes the stack lock, uploads the rendered files that changed, pulls the
     images, takes a pre-deploy PostgreSQL backup, then replaces backend and
     frontend beside the running containers (new one healthy before the old one
     goes) and recreates any other service whose image or config changed. If a
     new container or the health gate (compose health, plus the health URLs
-    through nginx) fails, the previous files and images are put back and the
-    task exits non-zero. With several hosts (fab -H a,b) it deploys one host
-    at a time and stops at the first failure. A redeploy with nothing new
-    changes nothing.
+    through nginx) fails, it prints what the failed container says (its last
+    health checks and log lines), puts the previous files and images back and
+    exits non-zero. With several hosts (fab -H a,b) it deploys one host at a
+    time and stops at the first failure. A redeploy with nothing new changes
+    nothing. --backend-tag/--frontend-tag deploy another tag of the app images
+    (for CI); it is what runs until the next deploy, and the deploy log
+    records it.
     """
-    settings = settings_for(c)
+    settings = with_tags(settings_for(c), {"backend": backend_tag, "frontend": frontend_tag})
     host = host_for(c, settings, dry_run=dry_run)
     if dry_run:
-        dry_run_deploy(host, settings)
+        from .plan import show_plan
+
+        show_plan(host, settings)
+        if verbose:
+            dry_run_commands(host, settings)
         return
     deploy_host(host, settings)
+    from .app import maintenance_note
+
+    if note := maintenance_note(host, settings):  # never silently left on
+        host.say(note)
 
 
 @ops_task
@@ -517,13 +553,16 @@ def rollback(c):
     settings = settings_for(c)
     host = host_for(c, settings)
     files = remote_files(settings)
-    lock = DeployLock(host, settings, list(files))
-    state = lock.acquire()
-    try:
+    probe = probe_script(settings, [])
+    report = probe[probe.index("echo '== hashes'"):]
+    with stack_lock(host, settings, "deploy.rollback", report=report) as lock:
+        state = parse_state(lock.report_text)
         if state.current not in state.releases:
+            lock.finish("refused")
             raise OpsError(f"{host.name}: no current release is recorded; deploy first")
         index = state.releases.index(state.current)
         if index == 0:
+            lock.finish("refused")
             raise OpsError(f"{host.name}: release {state.current} is the oldest one kept; "
                            "there is no previous release to return to")
         target = state.releases[index - 1]
@@ -532,48 +571,109 @@ def rollback(c):
         host.say(f"{host.name}: rolling back from {state.current} to {target}")
         roll_back(host, settings, f"{rd}/files.tar", list(files), images, [])
         d = shlex.quote(state_dir(settings))
-        host.run(f"echo {shlex.quote(target)} > {d}/current.tmp && mv -f {d}/current.tmp "
-                 f"{d}/current", sudo=True)
-        lock.log(log_line(now(), local_user(), "rollback", target, images,
-                          f"from {state.current}"))
+        lock.step("make the release current")
+        lock.finish("rollback", "\n".join([
+            f"echo {shlex.quote(target)} > {d}/current.tmp && mv -f {d}/current.tmp "
+            f"{d}/current",
+            log_append(settings, log_line(now(), local_user(), "rollback", target, images,
+                                          f"from {state.current}")),
+            end_attempt_cmd(settings),
+        ]))
         host.say(f"{host.name}: release {target} is live again; all services healthy")
-    finally:
-        lock.release()
 
 
-@ops_task(help={"lines": "how many of the latest entries to print (default 20)"})
-def history(c, lines=20):
-    """Print the deploy log: time, local user, result, release and images of each deploy."""
+# --- history ---------------------------------------------------------------------------
+
+_LOG = re.compile(r"^(\S+) user=(\S+) result=(\S+) release=(\S+) images=(\S+)"
+                  r'(?: detail=("(?:[^"\\]|\\.)*"))?'
+                  r"(?: server_user=(\S+) sudo_user=(\S+) ssh_from=(\S+))?$")
+
+
+def parse_log_line(line: str) -> dict | None:
+    """One deploy log line as a dict (None for a line that is not one)."""
+    m = _LOG.match(line.strip())
+    if not m:
+        return None
+    images = {}
+    if m.group(5) != "-":
+        for item in m.group(5).split(","):
+            service, _, rest = item.partition("=")
+            ref, _, image_id = rest.rpartition("@")
+            images[service] = {"ref": ref or image_id, "id": image_id if ref else ""}
+    detail = ""
+    if m.group(6):
+        try:
+            detail = json.loads(m.group(6))
+        except ValueError:
+            detail = m.group(6)
+    release = m.group(4)
+    return {"time": m.group(1), "user": m.group(2), "result": m.group(3),
+            "release": "" if release == "-" else release, "images": images, "detail": detail,
+            # What the server saw (fabfile/audit.py), when the line has it.
+            "server_user": m.group(7) or "", "sudo_user": m.group(8) or "",
+            "ssh_from": m.group(9) or ""}
+
+
+def _tag(ref: str) -> str:
+    name = ref.rsplit("/", 1)[-1]
+    return name.split(":", 1)[1] if ":" in name else (name or "-")
+
+
+def history_table(entries: list[dict]) -> str:
+    """The deploy log as an aligned table: time, result, release, user, app tags, detail."""
+    head = ("TIME", "RESULT", "RELEASE", "USER", "BACKEND", "FRONTEND", "DETAIL")
+    rows = [head]
+    for e in entries:
+        imgs = e["images"]
+        rows.append((e["time"], e["result"], e["release"] or "-", e["user"],
+                     _tag(imgs["backend"]["ref"]) if "backend" in imgs else "-",
+                     _tag(imgs["frontend"]["ref"]) if "frontend" in imgs else "-",
+                     (str(e["detail"])[:100] or "")))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head) - 1)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False))
+                     + "  " + r[-1] for r in rows).rstrip()
+
+
+@ops_task(help={"lines": "how many of the latest entries to show (default 20)",
+                "json_": "print a JSON list (every image reference and ID) instead"})
+def history(c, lines=20, json_=False):
+    """Show the deploy log: time, result, release, user and image tags of each deploy.
+
+    A table by default; --json prints every entry with all images (reference
+    and ID) and the failure detail, for scripts.
+    """
     settings = settings_for(c)
+    count = int(lines)  # a value that is not a number was refused by ops_task
+    if count < 1:
+        raise ConfigError(f"--lines must be a whole number >= 1 (got {lines!r})")
     host = host_for(c, settings)
     log = f"{state_dir(settings)}/deploy.log"
-    r = host.check(f"tail -n {int(lines)} {shlex.quote(log)}", sudo=True)
+    r = host.check(f"tail -n {count} {shlex.quote(log)}", sudo=True)
     if r.failed:
-        host.say(f"{host.name}: no deploy recorded yet ({log} does not exist)")
+        if json_:
+            print("[]")
+        else:
+            host.say(f"{host.name}: no deploy recorded yet ({log} does not exist)")
         return
-    host.say(r.stdout.rstrip("\n"))
+    entries = [e for e in (parse_log_line(x) for x in r.stdout.splitlines()) if e]
+    if json_:
+        print(json.dumps(entries, indent=2))
+    else:
+        host.say(history_table(entries))
 
 
 @ops_task
 def unlock(c):
-    """Break a stale deploy lock (stops the command that holds it).
+    """Break a stale stack lock (kills the command that holds it).
 
-    A deploy whose connection dies releases the lock by itself; use this only
-    when a hung deploy keeps it. Says who held it.
+    A task whose connection dies releases the lock by itself; use this only
+    when a hung one keeps it. Says who held it. The task that held it stops
+    at its next step (it no longer holds the lock), without rolling back.
     """
     settings = settings_for(c)
     host = host_for(c, settings)
-    d = shlex.quote(state_dir(settings))
-    r = host.check(f"[ -e {d}/lock ] && ! flock -n {d}/lock true && "
-                   f"cat {d}/lock.owner", sudo=True)
-    if r.failed:
-        host.say(f"{host.name}: no deploy holds the lock")
+    owner = break_lock(host, settings)
+    if owner is None:
+        host.say(f"{host.name}: no task holds the stack lock")
         return
-    owner = r.stdout.strip()
-    pid = owner.rsplit(" pid ", 1)[-1] if " pid " in owner else ""
-    if not pid.isdigit():
-        raise OpsError(f"{host.name}: the lock is held but its owner is unknown; find the "
-                       f"process with: fuser -v {state_dir(settings)}/lock")
-    host.run(f"kill {pid} && for i in $(seq 50); do flock -n {d}/lock true && break; "
-             f"sleep 0.2; done; flock -n {d}/lock true && rm -f {d}/lock.owner", sudo=True)
     host.say(f"{host.name}: lock broken (was held by {owner})")

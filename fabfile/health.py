@@ -90,10 +90,11 @@ def cert_endpoints(settings: Settings) -> list[tuple[str, str]]:
 def _http_command(settings: Settings, keys: list[str], timeout: float) -> str:
     """One curl, all requests at once (--parallel), through nginx with SNI.
 
-    Each transfer opens its own connection (--parallel-immediate), so each
-    reports the certificate it was served (curl >= 7.88 ``%{certs}``; older
-    curl: openssl afterwards). The certificate checks request ``/../`` with
-    --path-as-is: nginx refuses it itself (400), no upstream is involved.
+    Each transfer opens its own connection (--parallel-immediate) with a full
+    handshake (--no-sessionid), so each reports the certificate it was served
+    (curl >= 7.88 ``%{certs}``; older curl: openssl afterwards). The
+    certificate checks request ``/../`` with --path-as-is: nginx refuses it
+    itself (400), no upstream is involved.
     Each transfer gets ``timeout`` (--max-time is per transfer); bodies go to
     files in the script's temporary directory and are printed after.
     """
@@ -103,8 +104,13 @@ def _http_command(settings: Settings, keys: list[str], timeout: float) -> str:
     chosen = [(k, h, path) for k, _, h, path in http_endpoints(settings) if k in keys]
     chosen += [(k, h, "/../") for k, h in cert_endpoints(settings) if k in keys]
     hosts = sorted({host for _, host, _ in chosen})
-    parts = ["curl -s -k --path-as-is --parallel --parallel-immediate --parallel-max 16",
-             f"--max-time {timeout:g}"]
+    # --no-sessionid: a resumed TLS session (curl reuses them across transfers)
+    # sends no certificate, so that transfer's %{certs} would be empty.
+    parts = ["curl -s -k --no-sessionid --path-as-is --parallel --parallel-immediate "
+             "--parallel-max 16",
+             f"--max-time {timeout:g}",
+             # past the maintenance page (app.maintenance-on): the real site is checked
+             "-H 'X-Maicivy-Check: health'"]
     parts += [f"--resolve {shlex.quote(f'{h}:{port}:{target}')}" for h in hosts]
     parts.append(f"-w '{_WRITE_OUT}'")
     for key, host, path in chosen:
@@ -227,9 +233,29 @@ def docker_probe(settings: Settings, parts: tuple[str, ...] = DOCKER_PARTS,
                  parts=tuple(f"docker:{p}" for p in parts))
 
 
+def maintenance_probe(settings: Settings) -> Probe:
+    """Whether the maintenance page is up (app.maintenance-on): the flag's note."""
+    from .app import maintenance_flag
+
+    flag = shlex.quote(maintenance_flag(settings))
+    return Probe("maintenance", "maintenance",
+                 f"if [ -e {flag} ]; then echo \"on $(head -c 200 {flag} | head -n 1)\"; "
+                 "else echo off; fi")
+
+
+def maintenance_row(rc: int, output: str, seconds: float) -> Row:
+    text = output.strip()
+    if text.startswith("on"):
+        return Row("maintenance", WARNING, f"ON {text[2:].strip()}: the site answers 503; "
+                   "app.maintenance-off ends it", seconds)
+    if rc == 0 and text == "off":
+        return Row("maintenance", OK, "off", seconds)
+    return Row("maintenance", WARNING, f"unknown: {_last_line(output)}", seconds)
+
+
 def probes(settings: Settings) -> list[Probe]:
-    """Every check of health.check, as commands to run on the server (two probes)."""
-    return [http_probe(settings), docker_probe(settings)]
+    """Every check of health.check, as commands to run on the server (three probes)."""
+    return [http_probe(settings), docker_probe(settings), maintenance_probe(settings)]
 
 
 def probe_script(selected: list[Probe], timeout: float, parallel: bool = True) -> str:
@@ -577,7 +603,9 @@ def evaluate(settings: Settings, selected: list[Probe],
             continue
         rc, ms, output = results[p.id]
         seconds = round(ms / 1000, 3)
-        if p.parts and p.parts[0].startswith("docker:"):
+        if p.id == "maintenance":
+            rows.append(maintenance_row(rc, output, seconds))
+        elif p.parts and p.parts[0].startswith("docker:"):
             rows.extend(docker_rows(settings, p.parts, rc, output, timeout, seconds))
         elif p.parts:
             rows.extend(http_rows(settings, p.parts, rc, output, timeout, now))

@@ -132,6 +132,9 @@ class Host:
     use_sudo: bool = False
     out: object = field(default=None, repr=False)
     actions: list[str] = field(default_factory=list)
+    # The stack lock this task holds (fabfile.lock.StackLock): every changing command
+    # runs only while it is still ours; a lost connection is never silently reopened.
+    guard: object = field(default=None, repr=False)
 
     @property
     def is_remote(self) -> bool:
@@ -172,7 +175,11 @@ class Host:
         hide: bool | str,
         timeout: float | None,
         pty: bool = False,
+        unguarded: bool = False,
     ) -> Result:
+        guard = None if unguarded else self.guard
+        if guard is not None:
+            guard.check_alive()
         if sudo and self.use_sudo:
             command = sudo_wrap(command)
         try:
@@ -180,6 +187,8 @@ class Host:
                 command, warn=True, hide=hide, timeout=timeout, pty=pty, in_stream=False
             )
         except Exception as exc:  # invoke's CommandTimedOut, SSH errors...
+            if guard is not None:
+                guard.check_alive()
             ssh = explain_ssh_error(exc, self.name)
             if ssh is not None:
                 raise ssh from exc
@@ -190,6 +199,8 @@ class Host:
                     return Result(command, 124, "", f"timed out after {timeout}s")
                 raise OpsError(f"on {self.name}: command timed out after {timeout}s") from exc
             raise
+        if guard is not None and r.exited != 0:
+            guard.check_alive()  # a dropped connection is not a failed command
         result = Result(command, r.exited, r.stdout, r.stderr)
         if result.failed and not warn:
             raise CommandFailed(self.name, result)
@@ -205,12 +216,25 @@ class Host:
         timeout: float | None = None,
         pty: bool = False,
     ) -> Result:
-        """Run a command that *changes* the target (printed only in dry-run)."""
+        """Run a command that *changes* the target (printed only in dry-run).
+
+        While a stack lock is held (``guard``), the command runs privileged and only
+        if the lock is still ours (:meth:`fabfile.lock.StackLock.wrap`).
+        """
         if self.dry_run:
             self.actions.append(command)
             self.say(f"[dry-run] would run: {command}")
             return Result(command, 0, dry=True)
-        return self._invoke(command, sudo=sudo, warn=warn, hide=hide, timeout=timeout, pty=pty)
+        if self.guard is None:
+            return self._invoke(command, sudo=sudo, warn=warn, hide=hide, timeout=timeout,
+                                pty=pty)
+        r = self._invoke(self.guard.wrap(command), sudo=True, warn=True, hide=hide,
+                         timeout=timeout, pty=pty)
+        self.guard.after(r.exited, r.stdout)
+        result = Result(command, r.exited, r.stdout, r.stderr)
+        if result.failed and not warn:
+            raise CommandFailed(self.name, result)
+        return result
 
     def check(
         self,
@@ -247,6 +271,8 @@ class Host:
         """
         if isinstance(data, str):
             data = data.encode()
+        if self.guard is not None and not self.dry_run:
+            self.guard.check_alive()
         if self.dry_run:
             self.actions.append(f"write {path}")
             self.say(f"[dry-run] would write {path} ({len(data)} bytes, mode {mode:o})")
@@ -381,9 +407,23 @@ class CommandFailed(OpsError):
 
     def __init__(self, target: str, result: Result):
         self.result = result
-        detail = (result.stderr or result.stdout).strip().splitlines()
-        last = detail[-1] if detail else "no output"
-        super().__init__(f"on {target}: command failed (exit {result.exited}): {last}")
+        super().__init__(f"on {target}: command failed (exit {result.exited}): "
+                         f"{last_lines(result.stderr, result.stdout)}")
+
+
+def last_lines(stderr: str, stdout: str = "", n: int = 3, width: int = 300) -> str:
+    """The last ``n`` non-empty lines of a failed command's output, on one line.
+
+    stderr first (where errors go); stdout when stderr is empty. Never just
+    "exit 1": says "no output" when there was none.
+    """
+    lines = [ln.strip() for ln in (stderr or "").splitlines() if ln.strip()]
+    if not lines:
+        lines = [ln.strip() for ln in (stdout or "").splitlines() if ln.strip()]
+    if not lines:
+        return "no output"
+    text = " | ".join(lines[-n:])
+    return text if len(text) <= width else "..." + text[-width:]
 
 
 # --- patchwork-style helpers -------------------------------------------------

@@ -29,6 +29,7 @@ from .config import Settings
 from .core import host_for, ops_task, settings_for
 from .errors import OpsError
 from .host import Host
+from .lock import locked
 from .stack import compose, remote_files
 
 PROM_DIR = "monitoring/prometheus"
@@ -290,6 +291,7 @@ def read_status(host: Host, settings: Settings) -> tuple[list[Target], list[Aler
     "force": "upload, validate and reload even if no file changed",
     "dry_run": "list the files that would change, change nothing",
 })
+@locked("monitoring.push")
 def push(c, force=False, dry_run=False):
     """Update the Prometheus and Grafana configuration of the running stack.
 

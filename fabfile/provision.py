@@ -26,7 +26,7 @@ import yaml
 from .audit import SSH_CONNECTION_SH
 from .config import PROJECT_ROOT, Settings
 from .errors import OpsError
-from .host import Host, upload_if_changed
+from .host import Host, last_lines, upload_if_changed
 from .release import sections, state_dir
 from .stack import ensure_certificates, fill_env, parse_env, remote_files, unset_secrets
 
@@ -430,9 +430,8 @@ def step_packages(host: Host, facts: Facts, report: Report) -> bool:
         return False
     r = host.run(cmd, sudo=True, warn=True, timeout=1800)
     if r.failed:
-        detail = (r.stderr or r.stdout).strip().splitlines()
         raise OpsError(f"{host.name}: apt-get install {' '.join(missing)} failed: "
-                       f"{detail[-1] if detail else 'no output'}")
+                       f"{last_lines(r.stderr, r.stdout)}")
     report.changed(f"installed packages {', '.join(missing)}")
     return not host.dry_run
 
@@ -550,8 +549,7 @@ def step_ufw(host: Host, settings: Settings, facts: Facts, report: Report) -> No
         return
     r = host.run(" && ".join(ufw_commands(port)), sudo=True, warn=True, timeout=120)
     if r.failed:
-        detail = (r.stderr or r.stdout).strip().splitlines()
-        report.problem(f"ufw: {detail[-1] if detail else 'failed'}")
+        report.problem(f"ufw: {last_lines(r.stderr, r.stdout)}")
         return
     report.changed(f"ufw enabled: {port}/tcp, 80 and 443 allowed, rest denied")
 
@@ -604,11 +602,13 @@ def provision_host(host: Host, settings: Settings) -> Report:
 # --- task ------------------------------------------------------------------------------
 
 from .core import host_for, ops_task, settings_for  # noqa: E402
+from .lock import locked  # noqa: E402
 
 
 @ops_task(default=True, help={
     "dry_run": "show what would change (commands and files), change nothing",
 })
+@locked("provision")
 def provision(c, dry_run=False):
     """Prepare a fresh Debian/Ubuntu server for the stack; safe to run again.
 

@@ -25,14 +25,12 @@ import shlex
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from .audit import IDENTITY_SH, append_with_identity, log_line_with_identity
+from .audit import IDENTITY_SH, log_line_with_identity
 from .config import SERVICES, Settings
 from .stack import compose
 
 # Services replaced with a second container beside the old one.
 ROLLING = ("backend", "frontend")
-# Exit status of the lock command when another deploy holds the lock.
-BUSY = 75
 _SECTION = re.compile(r"^== (\S+)(?: (.*))?$")
 _RELEASE_ID = re.compile(r"^[0-9]{8}T[0-9]{6}Z(-[0-9]+)?$")
 
@@ -57,47 +55,66 @@ def image_refs(settings: Settings) -> dict[str, str]:
     return {s: settings.image(s) for s in SERVICES}
 
 
-# --- the deploy lock ------------------------------------------------------------
+# --- what deploy reads when it takes the lock -----------------------------------------
+
+# Attempts whose snapshot is kept (besides the one a deploy rolls back to).
+KEEP_ATTEMPTS = 5
 
 
-def lock_script(settings: Settings, owner: str, managed: Iterable[str]) -> str:
-    """Take the deploy lock and report the server's state, then hold the lock.
+def deploy_report_script(settings: Settings, managed: Iterable[str]) -> str:
+    """Run by the stack lock's holder once the lock is ours (``$D``, ``$T`` are set).
 
-    The lock is an flock(1) held by this command's shell for as long as its
-    stdin stays open: when the deploy ends, or its SSH connection dies, stdin
-    closes and the lock is released -- a killed deploy leaves no stale lock.
-    Before blocking, it prints ``== locked``, a snapshot of the managed files
-    (``pre/files.tar``), their hashes, the current release and the names of
-    unset .env secrets, then ``== ready``. Lines written to its stdin are
-    appended to the deploy log (no extra command). If the lock is held:
-    ``== busy`` with the holder's line, exit 75.
+    Snapshots the managed files for this attempt's rollback
+    (``attempts/<id>/files.tar``) -- unless the previous deploy was interrupted
+    (``$D/attempt`` still names its attempt): then its snapshot, taken before it
+    changed anything, stays the rollback target (``== base <id> interrupted``),
+    so an interrupted deploy never replaces the last good state. Then the
+    hashes, the current release and the names of unset .env secrets.
     """
-    d = shlex.quote(state_dir(settings))
     root = shlex.quote(settings.root.rstrip("/"))
     rels = relative(settings, managed)
     quoted = " ".join(shlex.quote(r) for r in rels)
     return "\n".join([
-        f"D={d}; R={root}",
-        'mkdir -p "$D/pre" && chmod 700 "$D" || exit 1',
-        'exec 9>>"$D/lock"',
-        "if ! flock -n 9; then",
-        f"  echo '== busy'; cat \"$D/lock.owner\" 2>/dev/null; exit {BUSY}",
+        f"R={root}",
+        'cd "$R" || exit 1',
+        'B=$(cat "$D/attempt" 2>/dev/null)',
+        'if [ -n "$B" ] && [ -f "$D/attempts/$B/files.tar" ]; then',
+        '  echo "== base $B interrupted"',
+        '  [ -f "$D/attempts/$B/images" ] && '
+        '{ echo "== base-images"; cat "$D/attempts/$B/images"; }',
+        "else",
+        '  B=$(date -u +%Y%m%dT%H%M%SZ)-$(printf %.8s "$T")',
+        f"  set -- ; for f in {quoted}; do [ -f \"$f\" ] && set -- \"$@\" \"$f\"; done",
+        '  mkdir -p "$D/attempts/$B" && tar cf "$D/attempts/$B/files.tar" -T /dev/null -- "$@" '
+        "|| exit 1",
+        '  echo "$B" > "$D/attempt.tmp" && mv -f "$D/attempt.tmp" "$D/attempt"',
+        '  echo "== base $B"',
+        f'  ls -1 "$D/attempts" | sort | head -n -{KEEP_ATTEMPTS} | while read -r a; do '
+        '[ "$a" = "$B" ] || rm -rf -- "$D/attempts/$a"; done',
         "fi",
-        f"printf '%s pid %s\\n' {shlex.quote(owner)} \"$$\" > \"$D/lock.owner\"",
-        "echo '== locked'",
-        *_state_lines(settings, quoted, snapshot=True),
-        "echo '== ready'",
-        # Hold the lock until our stdin closes (end of deploy or lost connection);
-        # what the deploy writes there are its deploy log lines, each followed
-        # by the identity the server sees (fabfile/audit.py).
-        IDENTITY_SH,
-        append_with_identity('"$D/deploy.log"'),
-        'rm -f "$D/lock.owner"',
+        'rm -rf "$D/pre"',  # the single snapshot of former versions
+        *_state_lines(settings, quoted, snapshot=False),
     ])
 
 
+def attempt_dir(settings: Settings, attempt: str) -> str:
+    return f"{state_dir(settings)}/attempts/{attempt}"
+
+
+def save_images_cmd(settings: Settings, attempt: str,
+                    images: Mapping[str, tuple[str, str]]) -> str:
+    """Record the images that ran before this attempt changed anything."""
+    path = shlex.quote(f"{attempt_dir(settings, attempt)}/images")
+    return f"printf '%s' {shlex.quote(images_text(images))} > {path}"
+
+
+def end_attempt_cmd(settings: Settings) -> str:
+    """The attempt ended in a known state: the next deploy snapshots afresh."""
+    return f"rm -f {shlex.quote(state_dir(settings) + '/attempt')}"
+
+
 def probe_script(settings: Settings, managed: Iterable[str]) -> str:
-    """The same report as :func:`lock_script`, read-only (for --dry-run)."""
+    """What the deploy lock reports, read-only, without the lock (for --dry-run)."""
     d = shlex.quote(state_dir(settings))
     root = shlex.quote(settings.root.rstrip("/"))
     quoted = " ".join(shlex.quote(r) for r in relative(settings, managed))
@@ -166,13 +183,17 @@ class ServerState:
     current: str = ""
     releases: list[str] = field(default_factory=list)
     unset: list[str] = field(default_factory=list)
+    base: str = ""  # the attempt whose snapshot a failed deploy returns to
+    base_interrupted: bool = False
+    base_images: dict[str, tuple[str, str]] = field(default_factory=dict)
 
 
 def parse_state(text: str) -> ServerState:
     sec = sections(text)
     state = ServerState()
     if "busy" in sec:
-        state.busy = " ".join(sec["busy"]).strip() or "another deploy (owner unknown)"
+        busy = re.sub(r" pid \d+( \d+)?$", "", " ".join(sec["busy"]).strip())
+        state.busy = busy or "another deploy (owner unknown)"
     for line in sec.get("hashes", []):
         digest, _, name = line.partition("  ")
         if name:
@@ -182,6 +203,11 @@ def parse_state(text: str) -> ServerState:
     state.releases = sorted(r.strip() for r in sec.get("releases", [])
                             if _RELEASE_ID.match(r.strip()))
     state.unset = sorted(set(sec.get("unset", [])))
+    base = " ".join(sec.get("base", [])).split()
+    if base:
+        state.base = base[0]
+        state.base_interrupted = base[1:] == ["interrupted"]
+    state.base_images = parse_images("\n".join(sec.get("base-images", [])))
     return state
 
 
@@ -382,14 +408,35 @@ def parse_plan(text: str, refs: Mapping[str, str], nginx: str = "nginx") -> Plan
 # --- converging -------------------------------------------------------------------
 
 
+def diag_function() -> str:
+    """Bash ``diag ID``: what a failed container tells (exit code, OOM, health log, logs).
+
+    Log lines are prefixed with ``| `` so that none is taken for a ``== `` marker.
+    """
+    return "\n".join([
+        "diag() {",
+        "  echo \"== diag $(docker inspect --format '{{.Name}}' \"$1\" 2>/dev/null)\"",
+        "  echo \"== exit $(docker inspect --format '{{.State.Status}} {{.State.ExitCode}} "
+        "{{.State.OOMKilled}}' \"$1\" 2>/dev/null)\"",
+        "  echo '== health-log'",
+        "  docker inspect --format '{{if .State.Health}}{{json .State.Health.Log}}{{end}}' "
+        "\"$1\" 2>/dev/null || true",
+        "  echo '== logs'",
+        "  docker logs --tail 30 \"$1\" 2>&1 | sed 's/^/| /'",
+        "  echo '== end-diag'",
+        "}",
+    ])
+
+
 def scale_up_cmd(settings: Settings, service: str, count: int, timeout: int,
                  known: Iterable[str] = ()) -> str:
     """Start one more container of ``service`` (the new config) and wait for its health.
 
     Waits for the *new* container only (``known`` are the IDs that existed
     before): ``compose up --wait`` would also judge the old ones. Prints
-    ``== new <id>``; exits 0 once it is healthy, non-zero with ``== status``
-    if it turns unhealthy, exits or is not healthy after ``timeout`` seconds.
+    ``== new <id> <name>``; exits 0 once it is healthy, non-zero with ``== status``
+    and the container's diagnosis (:func:`diag_function`) if it turns
+    unhealthy, exits or is not healthy after ``timeout`` seconds.
     """
     label = shlex.quote(f"label=com.docker.compose.project={settings.compose_project}")
     svc = shlex.quote(f"label=com.docker.compose.service={service}")
@@ -398,25 +445,138 @@ def scale_up_cmd(settings: Settings, service: str, count: int, timeout: int,
                  f"{service}={count}", service)
     return "\n".join([
         "set -e",
+        diag_function(),
         f"{up} 2>&1",
         f"known={shlex.quote(' ' + known_ids + ' ')}; new=",
         f"for id in $(docker ps -aq --no-trunc --filter {label} --filter {svc}); do",
         '  case "$known" in *" $id "*) ;; *) new="$id";; esac',
         "done",
         "[ -n \"$new\" ] || { echo '== status no new container'; exit 3; }",
-        'echo "== new $new"',
+        "echo \"== new $new $(docker inspect --format '{{.Name}}' \"$new\" | sed 's,^/,,')\"",
         f"end=$(( $(date +%s) + {int(timeout)} ))",
         "while :; do",
         "  st=$(docker inspect --format '{{.State.Status}} {{if .State.Health}}"
         "{{.State.Health.Status}}{{else}}none{{end}}' \"$new\")",
         '  case "$st" in',
         '    "running healthy"|"running none") echo "== status $st"; exit 0;;',
-        '    *unhealthy*|exited*|dead*) echo "== status $st"; exit 4;;',
+        '    *unhealthy*|exited*|dead*) echo "== status $st"; diag "$new"; exit 4;;',
         "  esac",
-        '  [ "$(date +%s)" -ge "$end" ] && { echo "== status $st (timed out)"; exit 5; }',
+        '  [ "$(date +%s)" -ge "$end" ] && { echo "== status $st (timed out)"; diag "$new"; '
+        "exit 5; }",
         "  sleep 0.5",
         "done",
     ])
+
+
+def diagnose_script(settings: Settings) -> str:
+    """:func:`diag_function` of every container of the project that is not healthy."""
+    label = shlex.quote(f"label=com.docker.compose.project={settings.compose_project}")
+    fmt = shlex.quote("{{.Id}} {{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}"
+                      "{{else}}none{{end}}")
+    return "\n".join([
+        diag_function(),
+        f"docker ps -aq --no-trunc --filter {label} | xargs -r docker inspect --format {fmt} |",
+        "while read -r id st h; do",
+        '  [ "$st $h" = "running healthy" ] || [ "$st $h" = "running none" ] || diag "$id"',
+        "done",
+    ])
+
+
+@dataclass
+class Diagnosis:
+    """What a failed container told: for the terminal (``lines``) and one line (``short``)."""
+
+    name: str
+    state: str = ""
+    exit_code: str = ""
+    oom: bool = False
+    health: list[str] = field(default_factory=list)  # "time: exit N: output", oldest first
+    logs: list[str] = field(default_factory=list)
+
+    @property
+    def lines(self) -> list[str]:
+        out = [f"  {self.name}: state {self.state or '?'}"
+               + (f", exit code {self.exit_code}" if self.state in ("exited", "dead") else "")
+               + (", killed by the kernel (out of memory)" if self.oom else "")]
+        if self.health:
+            out.append("  last health checks:")
+            out += [f"    {h}" for h in self.health]
+        out.append(f"  last {len(self.logs)} log lines (docker logs --tail 30):"
+                   if self.logs else "  no log output")
+        out += [f"    {line}" for line in self.logs]
+        return out
+
+    @property
+    def short(self) -> str:
+        parts = []
+        if self.oom:
+            parts.append("out of memory (OOMKilled)")
+        elif self.state in ("exited", "dead"):
+            parts.append(f"exited with code {self.exit_code}")
+        if self.health:
+            parts.append(f"health check: {self.health[-1].split(': ', 1)[-1][:160]}")
+        err = error_line(self.logs)
+        if err:
+            parts.append(f"log: {err[:200]}")
+        return "; ".join(parts)
+
+
+_ERRORISH = re.compile(r"(Traceback|Error\b|Exception\b|\w+Error:|panic:|FATAL|[Ff]atal|"
+                       r"ERROR|[Ee]xception:)")
+
+
+def error_line(logs: Iterable[str]) -> str:
+    """The last log line that looks like an error (else the last line)."""
+    logs = [ln for ln in logs if ln.strip()]
+    for line in reversed(logs):
+        if _ERRORISH.search(line) and not line.startswith("Traceback"):
+            return line.strip()
+    return logs[-1].strip() if logs else ""
+
+
+def parse_diagnoses(text: str) -> list[Diagnosis]:
+    """The :func:`diag_function` blocks of a command's output."""
+    out: list[Diagnosis] = []
+    current: Diagnosis | None = None
+    where = ""
+    for line in text.splitlines():
+        if line.startswith("== diag"):
+            current = Diagnosis(line[len("== diag"):].strip().lstrip("/") or "?")
+            out.append(current)
+            where = ""
+            continue
+        if current is None:
+            continue
+        if line.startswith("== exit"):
+            parts = line[len("== exit"):].split()
+            if len(parts) == 3:
+                current.state, current.exit_code = parts[0], parts[1]
+                current.oom = parts[2] == "true"
+            continue
+        if line.startswith("== health-log"):
+            where = "health"
+            continue
+        if line.startswith("== logs"):
+            where = "logs"
+            continue
+        if line.startswith("== end-diag"):
+            current, where = None, ""
+            continue
+        if where == "health" and line.strip():
+            try:
+                entries = json.loads(line)
+            except ValueError:
+                continue
+            for e in (entries or [])[-3:]:
+                output = " ".join(str(e.get("Output", "")).split())[:300]
+                when = str(e.get("End") or e.get("Start") or "")[11:19]
+                current.health.append(f"{when}: exit {e.get('ExitCode')}: "
+                                      f"{output or '(no output)'}")
+        elif where == "logs" and line.startswith("| "):
+            current.logs.append(line[2:])
+        elif where == "logs" and line == "|":
+            current.logs.append("")
+    return out
 
 
 def nginx_reload_cmd(settings: Settings) -> str:
@@ -515,7 +675,7 @@ def http_lines(settings: Settings) -> list[str]:
         url = f"https://{domain}:{port}{path}"
         lines.append(
             f"printf '%s %s\\n' {shlex.quote(path)} \"$(curl -sk -o /dev/null "
-            f"-w '%{{http_code}}' --max-time {timeout} "
+            f"-w '%{{http_code}}' --max-time {timeout} -H 'X-Maicivy-Check: health' "
             f"--resolve {shlex.quote(f'{domain}:{port}:{addr}')} {shlex.quote(url)})\" &"
         )
     lines.append("wait")
@@ -743,7 +903,7 @@ def record_script(settings: Settings, release: str, managed: Iterable[str],
         f"echo {shlex.quote(release)} > \"$D/current.tmp\" && mv -f \"$D/current.tmp\" "
         "\"$D/current\"",
         *prune_lines(settings),
-        log_append(settings, log_line),
+        *([log_append(settings, log_line)] if log_line else []),
     ]
     return "\n".join(lines)
 

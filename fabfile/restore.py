@@ -27,7 +27,6 @@ from .backup import (
     run_backup,
     table_counts,
 )
-from .backup_lock import server_lock
 from .backup_shell import HEADER as SH_HEADER
 from .backup_shell import (
     REDIS_ENV,
@@ -49,6 +48,8 @@ from .config import Settings
 from .core import host_for, ops_task, settings_for
 from .errors import OpsError
 from .host import Host
+from .lock import server_lock, stack_lock
+from .progress import step
 from .stack import compose, read_env
 
 
@@ -192,13 +193,13 @@ def restore_postgres(host: Host, settings: Settings, entry: Entry, *, safety_bac
     stamp = _stamp()
     new, old = f"{database}_restore_{stamp}", f"{database}_pre_restore_{stamp}"
     safety = None
-    with server_lock(host, lock_path(settings, "postgres"),
-                     wait=settings.backup.lock_wait_seconds, task="restore.postgres"):
+    with stack_lock(host, settings, "restore.postgres"):  # no deploy, no backup meanwhile
         if safety_backup:
             safety = run_backup(host, settings, "postgres", reason="pre-restore", offsite=False,
                                 prune=False, lock=False, label="safety")
             host.say(f"safety backup of the current database: {safety['name']}")
-        restore_into(host, settings, entry, new)
+        with step(f"restore {entry.name} into a new database {new}"):
+            restore_into(host, settings, entry, new)
         try:
             got = table_counts(host, settings, new)
             diff = count_differences(m["tables"], got)
@@ -336,8 +337,7 @@ def restore_redis(host: Host, settings: Settings, entry: Entry, *, safety_backup
     directory = (m.get("rdb_path") or "/data/dump.rdb").rpartition("/")[0] or "/"
     low = int(m.get("keys", 0)) - int(m.get("expires", 0))
     high = int(m.get("keys", 0))
-    with server_lock(host, lock_path(settings, "redis"),
-                     wait=settings.backup.lock_wait_seconds, task="restore.redis"):
+    with stack_lock(host, settings, "restore.redis"):  # no deploy, no backup meanwhile
         if safety_backup:
             safety = run_backup(host, settings, "redis", reason="pre-restore", offsite=False,
                                 prune=False, lock=False, label="safety")
@@ -356,7 +356,8 @@ def restore_redis(host: Host, settings: Settings, entry: Entry, *, safety_backup
                     raise OpsError(f"installing the RDB failed: "
                                    f"{failure_line(r.stderr, r.stdout)}")
                 _start(host, settings, "redis")
-                keys = _wait_redis(host, settings)
+                with step("redis: load the restored data"):
+                    keys = _wait_redis(host, settings)
                 if not low <= keys <= high:
                     raise OpsError(f"redis loaded {keys} keys, the backup has {high}"
                                    + (f" ({m.get('expires')} with a TTL)" if low != high else ""))

@@ -42,4 +42,12 @@ fi
 .venv/bin/python -m pip install -q -e '.[test]'
 
 PATH="$PWD/.venv/bin:$PATH" $SUDO env "PATH=$PWD/.venv/bin:$PATH" bash tests/rig/setup-docker.sh
+
+# --- the first-day story's fresh server (tests/rig/fresh-server/build.sh) ---------
+# A Debian 13 image booting systemd, a local apt repository of what provision
+# installs (dpkg-dev's dpkg-scanpackages) and a wheelhouse: provision runs offline.
+if ! dpkg-query -W -f='${Status}' dpkg-dev 2>/dev/null | grep -q "ok installed"; then
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends dpkg-dev >/dev/null
+fi
+$SUDO bash tests/rig/fresh-server/build.sh trixie
 echo "install-deps: ready"

@@ -31,8 +31,8 @@ from backup_support import (
 )
 
 from fabfile import backup_s3
-from fabfile.backup_lock import server_lock
 from fabfile.errors import OpsError
+from fabfile.lock import server_lock
 
 pytestmark = pytest.mark.rig
 

@@ -10,7 +10,6 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from fabfile import backup_s3
-from fabfile.backup_lock import holder_script
 from fabfile.backup_retention import Backup, format_plan, plan
 from fabfile.backup_shell import (
     REDIS_CHECK_SH,
@@ -40,6 +39,7 @@ from fabfile.backup_store import (
 )
 from fabfile.config import load_settings
 from fabfile.errors import ConfigError, OpsError
+from fabfile.lock import holder_script
 from fabfile.restore import confirm, install_rdb_script
 
 NOW = datetime(2026, 11, 25, 3, 0, tzinfo=UTC)

@@ -37,7 +37,8 @@ def test_every_task_has_help_text():
 
 
 def test_namespaces_are_the_documented_ones():
-    allowed = {"provision", "ssl", "deploy", "backup", "restore", "health", "monitoring"}
+    allowed = {"provision", "ssl", "deploy", "backup", "restore", "health", "monitoring",
+               "sandbox", "app"}
     for name, _ in task_names("inv"):
         if "." in name:
             assert name.split(".")[0] in allowed, name

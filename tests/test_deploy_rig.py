@@ -7,6 +7,8 @@ rolled back -> frontend v2 after a killed deploy -> rollback on demand).
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import signal
 import time
@@ -25,8 +27,8 @@ from deploy_support import (
 from stack_rig import StackRig
 
 from fabfile.config import SERVICES
-from fabfile.deploy import DeployLock
 from fabfile.host import Host
+from fabfile.lock import StackLock
 
 pytestmark = pytest.mark.rig
 
@@ -121,7 +123,10 @@ def test_first_deploy_brings_every_service_up_healthy(rig):
     assert re.search(r"result=ok release=\d{8}T\d{6}Z images=backend=\S+/backend:v1@",
                      rig.log()[-1])
     history = fab(rig.ssh_host, rig.config(), "deploy.history")
-    assert history.returncode == 0 and "result=ok" in history.stdout
+    assert history.returncode == 0, history.stderr
+    head, first = history.stdout.splitlines()[:2]
+    assert head.split() == ["TIME", "RESULT", "RELEASE", "USER", "BACKEND", "FRONTEND", "DETAIL"]
+    assert first.split()[1:2] == ["ok"] and first.split()[4:6] == ["v1", "test"]
     # The application's data, for the pre-deploy backups of the next deploys.
     rig.stack.run(rig.stack.compose(
         "exec", "-T", "postgres", "sh", "-c",
@@ -152,8 +157,11 @@ def test_dry_run_prints_diffs_and_leaves_the_server_byte_identical(rig):
     assert re.search(r"^-.*rate=6000r/m;$", out, re.M)
     assert re.search(r"^\+.*rate=1200r/m;$", out, re.M)
     assert re.search(r"^\+    image: \S+/backend:v2$", out, re.M)
-    assert "[dry-run] would run: docker compose" in out and " pull --quiet" in out
-    assert "nginx -s reload" in out
+    assert re.search(r"^backend .* replace beside the old", out, re.M)
+    assert re.search(r"^nginx .* reload", out, re.M)
+    verbose = rig.deploy("--dry-run", "--verbose", config=config).stdout
+    assert "[dry-run] would run: docker compose" in verbose and " pull --quiet" in verbose
+    assert "nginx -s reload" in verbose
     assert tree_fingerprint(rig.root) == before_tree
     assert containers(PROJECT) == before_containers
 
@@ -192,7 +200,19 @@ def test_broken_backend_is_rolled_back_automatically(rig):
         proc = rig.deploy(config=rig.config(images={"backend": BACKEND_BROKEN}))
     assert proc.returncode != 0
     assert "rolled back automatically" in proc.stderr
-    assert "backend container did not become healthy" in proc.stderr
+    assert "backend container" in proc.stderr and "did not become healthy" in proc.stderr
+    # What the failed container says, printed before the rollback: its health checks and
+    # its logs with the traceback; the error line and the deploy log carry the short form.
+    out = proc.stdout
+    assert "last health checks:" in out and "exit 1" in out
+    assert "Traceback (most recent call last):" in out
+    crash = "ConnectionRefusedError: maicivy-broken: could not connect to the database"
+    assert crash in out and out.index(crash) < out.index("rolling back")
+    assert crash in proc.stderr and crash in rig.log()[-1]
+    # The rollback names the containers right: the old one keeps serving, the new goes.
+    assert re.search(rf"backend: {before[0]} \(previous release\) keeps serving; removing "
+                     rf"{PROJECT}-backend-\d+", out), out
+    assert "new container healthy" not in out.split("rolling back", 1)[1]
     assert loop.failures == [], loop.failures[:10]
     assert set(loop.versions) == {"v2"}
     assert rig.backend_version() == "v2"
@@ -205,7 +225,8 @@ def test_broken_backend_is_rolled_back_automatically(rig):
 
 def test_second_deploy_is_refused_while_one_holds_the_lock(rig):
     conn = rig.ssh_host.connection(rig.stack.overrides)
-    lock = DeployLock(Host(conn), rig.settings, [], owner="carol@laptop since 2026-11-25T10:00Z")
+    lock = StackLock(Host(conn), rig.settings, "deploy",
+                     owner="deploy by carol@laptop since 2026-11-25T10:00Z")
     lock.acquire()
     try:
         start = time.monotonic()
@@ -215,9 +236,133 @@ def test_second_deploy_is_refused_while_one_holds_the_lock(rig):
         lock.release()
         conn.close()
     assert proc.returncode != 0
-    assert "another deploy holds the lock: carol@laptop since 2026-11-25T10:00Z" in proc.stderr
+    assert ("another task holds the stack lock: deploy by carol@laptop since "
+            "2026-11-25T10:00Z") in proc.stderr
     assert took < 60  # refused at once, not after waiting for the lock
     assert rig.deploy().returncode == 0  # released with its holder
+
+
+def _until(proc, marker: str, seen: list[str], timeout: float = 300) -> None:
+    """Read the deploy's output until ``marker`` (bounded)."""
+    deadline = time.monotonic() + timeout
+    for line in proc.stdout:
+        seen.append(line)
+        if marker in line or time.monotonic() > deadline:
+            return
+
+
+def _journal(rig) -> list[list[str]]:
+    return [ln.split(" ", 3) for ln in
+            (rig.root / ".deploy/journal").read_text().splitlines()]
+
+
+def _holder_pids(rig) -> list[int]:
+    owner = (rig.root / ".deploy/lock.owner").read_text().split()
+    return [int(owner[-2]), int(owner[-1])]
+
+
+def test_killed_lock_holder_lets_no_second_deploy_overlap(rig):
+    """kill -9 of the recorded holder: the lock still holds. Killing every holder
+    process: a second deploy gets the lock only after the first one's running step
+    ended, and the first stops at its next step (lost lock), without rolling back."""
+    first = fab_popen(rig.ssh_host, rig.config(), "deploy", "--backend-tag", "v1")
+    seen: list[str] = []
+    try:
+        _until(first, "backend: starting the new container", seen)
+        bash, cat = _holder_pids(rig)
+        os.kill(bash, signal.SIGKILL)
+        time.sleep(0.5)
+        refused = rig.deploy(timeout=120)
+        assert refused.returncode == 75, refused.stdout + refused.stderr
+        assert "another task holds the stack lock: deploy by" in refused.stderr
+        os.kill(cat, signal.SIGKILL)  # now nothing holds it on the server
+        second = rig.deploy("--backend-tag", "v1", timeout=600)
+        rest, _ = first.communicate(timeout=600)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    out = "".join(seen) + rest
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert first.returncode != 0 and "lost the stack lock" in out, out
+    assert "rolling back" not in out
+    assert rig.backend_version() == "v1" and len(rig.running("backend")) == 1
+    # The journal: no step of the first deploy after the second one took the lock.
+    journal = _journal(rig)
+    starts = [j for j in journal if j[2] == "started"]
+    a, b = starts[-2][1], starts[-1][1]
+    b_started = starts[-1][0]
+    a_steps = [j for j in journal if j[1] == a and j[2] in ("step", "step-end")]
+    assert a_steps and all(j[0] <= b_started for j in a_steps), journal[-30:]
+    assert any(j[1] == a and j[2] == "lost-lock" for j in journal)
+    assert any(j[1] == b and j[2] == "finished" for j in journal)
+    assert "previous deploy by" in second.stdout  # it was told about the first one
+    # The tag given on the command line is in the history.
+    history = json.loads(fab(rig.ssh_host, rig.config(), "deploy.history", "--json").stdout)
+    assert history[-1]["result"] == "ok"
+    assert history[-1]["images"]["backend"]["ref"].endswith("/backend:v1")
+
+
+def test_lost_connection_mid_deploy_is_reported_never_rolled_back(rig):
+    log_before = rig.log()
+    first = fab_popen(rig.ssh_host, rig.config(), "deploy", "--backend-tag", "v2")
+    seen: list[str] = []
+    try:
+        _until(first, "backend: starting the new container", seen)
+        time.sleep(1)
+        # Drop every SSH connection of the rig's sshd (its per-connection processes).
+        master = int((rig.ssh_host.workdir / "sshd.pid").read_text())
+        for pid in os.listdir("/proc"):
+            if pid.isdigit():
+                try:
+                    stat = open(f"/proc/{pid}/stat").read()
+                except OSError:
+                    continue
+                if int(stat.rsplit(")", 1)[1].split()[1]) == master:
+                    os.kill(int(pid), signal.SIGKILL)
+        rest, _ = first.communicate(timeout=300)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    out = "".join(seen) + rest
+    assert first.returncode == 3, out
+    assert "lost the connection during deploy" in out
+    assert "rolling back" not in out and "did not become healthy" not in out
+    assert rig.log() == log_before  # nothing written without the lock
+    again = rig.deploy("--backend-tag", "v2", timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "the previous deploy by" in again.stdout and "was interrupted" in again.stdout
+    assert "state left by the interrupted deploy" in again.stdout
+    assert rig.backend_version() == "v2" and len(rig.running("backend")) == 1
+
+
+def test_unlock_of_a_frozen_deploy_makes_it_fail_when_resumed(rig):
+    first = fab_popen(rig.ssh_host, rig.config(), "deploy", "--backend-tag", "v1")
+    seen: list[str] = []
+    try:
+        _until(first, "backend: starting the new container", seen)
+        first.send_signal(signal.SIGSTOP)
+        unlock = fab(rig.ssh_host, rig.config(), "deploy.unlock", timeout=120)
+        assert unlock.returncode == 0, unlock.stdout + unlock.stderr
+        assert "lock broken (was held by deploy by" in unlock.stdout
+        first.send_signal(signal.SIGCONT)
+        rest, _ = first.communicate(timeout=600)
+    finally:
+        if first.poll() is None:
+            first.send_signal(signal.SIGCONT)
+            first.kill()
+            first.wait()
+    out = "".join(seen) + rest
+    assert first.returncode not in (0, None), out
+    assert "lost the stack lock" in out and "released" in out
+    assert "rolling back" not in out
+    # The next deploy (the settings' backend v2) converges from what it left.
+    again = rig.deploy(timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "was interrupted" in again.stdout
+    assert rig.backend_version() == "v2" and len(rig.running("backend")) == 1
+    assert rig.stack.service_health() == {name: "healthy" for name in SERVICES}
 
 
 def test_killed_connection_mid_deploy_then_next_deploy_converges(rig):
@@ -247,13 +392,14 @@ def test_rollback_on_demand_returns_to_the_previous_release(rig):
     assert "release v1" in rig.frontend_page()  # the frontend of the previous release
     assert rig.backend_version() == "v2"
     assert " result=rollback " in rig.log()[-1]
-    history = fab(rig.ssh_host, rig.config(), "deploy.history")
-    results = re.findall(r"result=(\S+)", history.stdout)
+    history = fab(rig.ssh_host, rig.config(), "deploy.history", "--json")
+    assert history.returncode == 0, history.stderr
+    results = [e["result"] for e in json.loads(history.stdout)]
     assert results[:2] == ["ok", "unchanged"] and results[-1] == "rollback"
     assert "rolled-back" in results
-    # Three releases were made, two are kept (deploy.keep_releases), with their image tags.
+    # Releases were made, two are kept (deploy.keep_releases), with their image tags.
     kept = sorted(p.name for p in (rig.root / ".deploy/releases").iterdir())
-    assert len(kept) == 2 and len(re.findall(r"result=ok ", history.stdout)) == 3
+    assert len(kept) == 2 and results.count("ok") >= 3
     import subprocess
 
     tags = subprocess.run(["docker", "images", "--format", "{{.Repository}}:{{.Tag}}",

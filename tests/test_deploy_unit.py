@@ -3,21 +3,18 @@ restore script run for real by a local bash (no SSH, no Docker)."""
 
 from __future__ import annotations
 
-import re
 import subprocess
 import tarfile
 
 import pytest
-from invoke import Context
 
 from fabfile.config import SERVICES, load_settings
-from fabfile.deploy import DeployLock
 from fabfile.errors import OpsError
-from fabfile.host import Host
 from fabfile.release import (
     Container,
     gate_failures,
     log_line,
+    parse_diagnoses,
     parse_images,
     parse_plan,
     parse_state,
@@ -192,42 +189,64 @@ def test_restore_script_puts_back_files_and_removes_added_ones(tmp_path):
     assert sorted(sections(out)["changed"]) == ["docker/a.conf", "docker/added.conf"]
 
 
-def test_lock_refuses_a_second_holder_and_is_released_with_its_holder(tmp_path):
-    s = settings(tmp_path)
-    (tmp_path / "srv").mkdir()
-    host = Host(Context())
-    first = DeployLock(host, s, [], owner="alice@laptop since T")
-    state = first.acquire()
-    assert state.busy is None
-    second = DeployLock(host, s, [], owner="bob@desk since T2")
-    with pytest.raises(OpsError, match="another deploy holds the lock: alice@laptop since T"):
-        second.acquire()
-    # The holder dies (lost connection, killed client): the lock goes with it.
-    first._proc.kill()
-    first._proc.wait()
-    first._proc = None
-    assert second.acquire().busy is None
-    second.log("2026-11-25T10:00:00Z user=bob@desk result=ok")
-    second.release()
-    assert not (tmp_path / "srv/.deploy/lock.owner").exists()
-    # What the holder is given on stdin goes to the deploy log.
-    log = (tmp_path / "srv/.deploy/deploy.log").read_text()
-    # ... followed by who ran it as the server sees it (fabfile/audit.py).
-    assert re.fullmatch(r"2026-11-25T10:00:00Z user=bob@desk result=ok server_user=\S+ "
-                        r"sudo_user=\S+ ssh_from=\S+\n", log), log
 
 
-def test_lock_snapshot_holds_the_managed_files(tmp_path):
-    s = settings(tmp_path)
-    root = tmp_path / "srv"
-    (root / "docker").mkdir(parents=True)
-    (root / "docker/a.conf").write_text("A\n")
-    lock = DeployLock(Host(Context()), s, [f"{root}/docker/a.conf", f"{root}/missing"])
-    state = lock.acquire()
-    try:
-        assert list(state.hashes) == ["docker/a.conf"]
-        with tarfile.open(root / ".deploy/pre/files.tar") as tar:
-            assert tar.getnames() == ["docker/a.conf"]
-        assert state.unset == [".env"]
-    finally:
-        lock.release()
+def test_diagnosis_of_a_failed_container_keeps_health_log_logs_and_a_short_form():
+    import json as _json
+
+    health = [{"Start": "2026-11-29T10:00:01.1Z", "End": "2026-11-29T10:00:01.2Z",
+               "ExitCode": 1, "Output": "curl: (22) The requested URL returned error: 500\n"}]
+    text = "\n".join([
+        "== status running unhealthy", "== diag /p-backend-3", "== exit running 0 false",
+        "== health-log", _json.dumps(health), "== logs",
+        "| Traceback (most recent call last):", '|   File "/app/x.py", line 3, in f',
+        "| ConnectionRefusedError: no database", "| 10.0.0.1 GET /health 500", "== end-diag"])
+    (d,) = parse_diagnoses(text)
+    assert d.name == "p-backend-3" and d.state == "running" and not d.oom
+    assert d.health == ["10:00:01: exit 1: curl: (22) The requested URL returned error: 500"]
+    assert d.logs[0] == "Traceback (most recent call last):"
+    assert "log: ConnectionRefusedError: no database" in d.short
+    assert "health check: exit 1: curl: (22)" in d.short
+    oom = parse_diagnoses("== diag /p-x-1\n== exit exited 137 true\n== health-log\n== logs\n"
+                          "== end-diag\n")[0]
+    assert oom.short == "out of memory (OOMKilled)" and "exit code 137" in oom.lines[0]
+
+
+def test_image_tags_from_the_command_line():
+    from fabfile.deploy import with_tag, with_tags
+
+    assert with_tag("127.0.0.1:5000/maicivy/backend:v1", "sha-abc") == \
+        "127.0.0.1:5000/maicivy/backend:sha-abc"
+    assert with_tag("ghcr.io/acme/app@sha256:00", "v2") == "ghcr.io/acme/app:v2"
+    assert with_tag("localhost:5000/app", "v3") == "localhost:5000/app:v3"
+    s = settings()
+    t = with_tags(s, {"backend": "sha-1", "frontend": ""})
+    assert t.image("backend").endswith(":sha-1") and t.image("frontend") == s.image("frontend")
+    for bad in ("-x", "a b", "x;id", "a" * 129, "$(id)"):
+        with pytest.raises(OpsError, match="--backend-tag must be an image tag"):
+            with_tags(s, {"backend": bad})
+
+
+def test_history_table_and_json_entries_from_the_log():
+    from fabfile.deploy import history_table, parse_log_line
+
+    line = log_line("2026-11-29T10:00:00Z", "alice@laptop", "rolled-back", "20261129T100000Z",
+                    {"backend": ("r/maicivy/backend:sha-1", "sha256:" + "a" * 64),
+                     "frontend": ("r/maicivy/frontend:v2", "sha256:" + "b" * 64)},
+                    "health gate: backend: unhealthy")
+    e = parse_log_line(line)
+    assert e["result"] == "rolled-back" and e["release"] == "20261129T100000Z"
+    assert e["images"]["backend"] == {"ref": "r/maicivy/backend:sha-1", "id": "a" * 12}
+    assert e["detail"] == "health gate: backend: unhealthy"
+    assert parse_log_line("garbage") is None
+    signed = parse_log_line(line + " server_user=root sudo_user=- ssh_from=10.0.0.9:5022")
+    assert signed["detail"] == "health gate: backend: unhealthy"
+    assert (signed["server_user"], signed["ssh_from"]) == ("root", "10.0.0.9:5022")
+    plain = parse_log_line("2026-11-29T10:00:00Z user=a@b result=unchanged release=- "
+                           "images=- server_user=root sudo_user=bob ssh_from=-")
+    assert plain["sudo_user"] == "bob" and plain["images"] == {} and plain["release"] == ""
+    table = history_table([e]).splitlines()
+    assert table[0].split() == ["TIME", "RESULT", "RELEASE", "USER", "BACKEND", "FRONTEND",
+                                "DETAIL"]
+    assert table[1].split()[:6] == ["2026-11-29T10:00:00Z", "rolled-back", "20261129T100000Z",
+                                    "alice@laptop", "sha-1", "v2"]

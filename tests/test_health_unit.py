@@ -61,7 +61,7 @@ def test_probe_ids_must_be_plain_names():
 def test_the_probes_cover_every_check_and_go_through_nginx_with_sni():
     s = settings(publish={"bind": "0.0.0.0", "https": 8443}, health={"timeout_seconds": 3})
     by_id = {p.id: p for p in health.probes(s)}
-    assert list(by_id) == ["http", "docker"]
+    assert list(by_id) == ["http", "docker", "maintenance"]
     assert by_id["docker"].parts == ("docker:prometheus", "docker:services", "docker:disk")
     http = by_id["http"]
     assert http.parts == ("frontend", "backend", "backend_deep", "grafana", "cert_0", "cert_1")
@@ -388,3 +388,10 @@ Expire date:Jan  1 00:00:00 2056 GMT"""
     assert (info.subject, info.issuer, info.serial) == (
         "maicivy.test", "Pebble Intermediate CA 7afd1e", "0a1b")
     assert info.not_after == "2026-12-04T22:00:28Z"
+
+
+def test_certificate_transfers_never_resume_a_tls_session():
+    # A resumed session sends no certificate: curl's %{certs} would be empty and
+    # the check would fail at random (seen with curl 8.14 on Debian 13).
+    s = load_settings(environ={}, files=[])
+    assert "--no-sessionid" in health.http_probe(s).command

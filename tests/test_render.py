@@ -58,6 +58,7 @@ def test_every_production_file_is_rendered(tree):
         "docker/nginx/nginx.conf",
         "docker/nginx/mime.types",
         "docker/nginx/ffdhe2048.pem",
+        "docker/nginx/maintenance/maintenance.html",
         "monitoring/prometheus/prometheus.yml",
         "monitoring/prometheus/alerts.yml",
         "monitoring/grafana/provisioning/datasources/prometheus.yml",
@@ -267,7 +268,7 @@ def test_render_task_validates_default_render(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
-    assert sum(line.startswith("wrote ") for line in lines) == 11
+    assert sum(line.startswith("wrote ") for line in lines) == 12
     for name in ("nginx -t", "gixy", "promtool check config", "promtool check rules",
                  "docker compose config", "systemd-analyze verify"):
         assert any(line.split() and line.split()[0] == "passed" and name in line

@@ -18,8 +18,9 @@ from conftest import start_sshd
 
 from fabfile.audit import IDENTITY_SH
 from fabfile.config import load_settings
-from fabfile.deploy import DeployLock
 from fabfile.host import Host, harden_connection
+from fabfile.lock import stack_lock
+from fabfile.release import log_append
 
 pytestmark = pytest.mark.rig
 
@@ -161,10 +162,9 @@ def test_deploy_log_records_the_server_side_identity(ssh_host, tmp_path):
     conn = ssh_host.connection()
     harden_connection(conn, [str(ssh_host.known_hosts)])
     host = Host(conn)
-    lock = DeployLock(host, settings, [], owner="mallory@laptop since now")
-    lock.acquire()
-    lock.log("2026-01-01T00:00:00Z user=mallory@laptop result=ok release=- images=-")
-    lock.release()
+    with stack_lock(host, settings, "deploy", owner="deploy by mallory@laptop since now") as lock:
+        lock.finish("ok", log_append(
+            settings, "2026-01-01T00:00:00Z user=mallory@laptop result=ok release=- images=-"))
     conn.close()
     log = (tmp_path / "stack/.deploy/deploy.log").read_text().splitlines()
     assert len(log) == 1

@@ -38,7 +38,8 @@ DOCKER=/usr/bin/docker
 REBUILD="${MAICIVY_RIG_REBUILD:-0}"
 
 # Images, built in this order. parent: "base" (the mmdebstrap image) or an
-# image listed above it. args: comma-separated build args, "-" for none.
+# image listed above it (a repo name means its row just above: backend broken
+# is built FROM backend:v1). args: comma-separated build args, "-" for none.
 #  repo          tag     directory      parent   args
 IMAGE_TABLE='
 pybase          test    pybase         base     -
@@ -48,8 +49,8 @@ nginx           test    nginx          base     -
 prometheus      test    prometheus     base     -
 node-exporter   test    node-exporter  base     -
 backend         v1      backend        pybase   VERSION=v1
+backend         broken  backend-broken backend  VERSION=broken
 backend         v2      backend        pybase   VERSION=v2
-backend         broken  backend        pybase   VERSION=broken,BROKEN=1
 frontend        test    frontend       pybase   VERSION=v1
 frontend        v2      frontend       pybase   VERSION=v2
 grafana         test    grafana        pybase   -
@@ -366,15 +367,16 @@ declare -A RECIPE=([base]="$BASE_HASH")
 declare -A REF=([base]="$BASE_REF")
 
 # A parent image present locally with the expected recipe (pulled if need be).
+# ref and recipe: the parent's as they were before this row (a row may name its own repo).
 ensure_parent() {
-    local name="$1"
+    local name="$1" pref="$2" precipe="$3"
     if [ "$name" = base ]; then
         ensure_base
         return
     fi
-    [ "$(local_label "${REF[$name]}")" = "${RECIPE[$name]}" ] && return 0
-    "$DOCKER" pull -q "${REF[$name]}" >/dev/null || die "cannot pull ${REF[$name]}"
-    [ "$(local_label "${REF[$name]}")" = "${RECIPE[$name]}" ] || die "${REF[$name]} in the registry is stale"
+    [ "$(local_label "$pref")" = "$precipe" ] && return 0
+    "$DOCKER" pull -q "$pref" >/dev/null || die "cannot pull $pref"
+    [ "$(local_label "$pref")" = "$precipe" ] || die "$pref in the registry is stale"
 }
 
 say "images (registry $REGISTRY, dockerd $SERVER_VERSION, API $SERVER_API):"
@@ -383,6 +385,7 @@ while read -r repo tag dir parent args; do
     [ -d "$IMAGES_DIR/$dir" ] || die "missing image directory $IMAGES_DIR/$dir"
     [ -n "${RECIPE[$parent]:-}" ] || die "image $repo:$tag: parent '$parent' is not built before it"
     ref="$PREFIX/$repo:$tag"
+    parent_ref="${REF[$parent]}" parent_recipe="${RECIPE[$parent]}"
     recipe="$({
         echo "parent=${RECIPE[$parent]} args=$args"
         dir_hash "$IMAGES_DIR/$dir"
@@ -405,9 +408,9 @@ while read -r repo tag dir parent args; do
             status=pushed
             : >"$log"
         else
-            ensure_parent "$parent"
+            ensure_parent "$parent" "$parent_ref" "$parent_recipe"
             build=(--network=host --force-rm --label "$RECIPE_LABEL=$recipe"
-                --build-arg "BASE=${REF[$parent]}")
+                --build-arg "BASE=$parent_ref")
             if [ "$args" != - ]; then
                 IFS=, read -ra kv <<<"$args"
                 for a in "${kv[@]}"; do build+=(--build-arg "$a"); done

@@ -1,0 +1,245 @@
+"""``deploy --dry-run`` as a plan: file diffs, then per service what would happen.
+
+Read-only. The server reports its containers (image reference, image ID and
+that image's repo digests) and asks the registry for the digest each image
+reference has *now* (registry HTTP API, ``HEAD /v2/<repo>/manifests/<tag>``,
+anonymous bearer token when the registry asks for one: nothing is pulled).
+The verdict per service:
+
+* ``replace beside the old`` - backend/frontend with a new image or config,
+  started beside the running container (no downtime);
+* ``recreate`` - other services with a new image or config (or nothing runs);
+* ``reload`` - a file it mounts changed (nginx, Prometheus, Grafana);
+* ``nothing``.
+
+Then the backup deploy would take first. The generated shell is printed only
+with ``--verbose``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import shlex
+from dataclasses import dataclass
+
+import yaml
+
+from .config import SERVICES, Settings
+from .host import Host, sha256
+from .release import (
+    ROLLING,
+    inspect_containers_cmd,
+    parse_containers,
+    parse_state,
+    probe_script,
+    relative,
+    reloads_for,
+    sections,
+)
+from .stack import remote_files
+
+ACCEPT = ", ".join([
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.oci.image.manifest.v1+json",
+])
+_LOCAL_REGISTRY = re.compile(r"^(localhost|127\.[0-9.]+|\[::1\])(:\d+)?$")
+
+
+def split_ref(ref: str) -> tuple[str, str, str]:
+    """``[registry/]repo[:tag]`` -> (registry host, repository, tag) as the registry API wants."""
+    ref = ref.split("@", 1)[0]
+    first, _, rest = ref.partition("/")
+    if rest and ("." in first or ":" in first or first == "localhost"):
+        registry, path = first, rest
+    else:
+        registry, path = "registry-1.docker.io", ref
+        if "/" not in path:
+            path = f"library/{path}"
+    repo, _, tag = path.partition(":")
+    return registry, repo, tag or "latest"
+
+
+def registry_digest_cmd(ref: str) -> str:
+    """Print ``@@remote <ref> <digest or ?reason>``: the digest the tag has in its registry."""
+    registry, repo, tag = split_ref(ref)
+    scheme = "http" if _LOCAL_REGISTRY.match(registry) else "https"
+    url = f"{scheme}://{registry}/v2/{repo}/manifests/{tag}"
+    q = shlex.quote
+    return "\n".join([
+        f"u={q(url)}; a={q('Accept: ' + ACCEPT)}",
+        'h=$(curl -sSI --max-time 10 -H "$a" "$u" 2>&1 | tr -d "\\r")',
+        'if printf "%s\\n" "$h" | grep -qi "^www-authenticate: *bearer"; then',
+        '  w=$(printf "%s\\n" "$h" | sed -n "s/^[Ww][Ww][Ww]-[Aa]uthenticate: *[Bb]earer *//p")',
+        "  realm=$(printf '%s' \"$w\" | sed -n 's/.*realm=\"\\([^\"]*\\)\".*/\\1/p')",
+        "  svc=$(printf '%s' \"$w\" | sed -n 's/.*service=\"\\([^\"]*\\)\".*/\\1/p')",
+        "  scope=$(printf '%s' \"$w\" | sed -n 's/.*scope=\"\\([^\"]*\\)\".*/\\1/p')",
+        '  t=$(curl -s --max-time 10 -G "$realm" --data-urlencode "service=$svc" '
+        '--data-urlencode "scope=$scope" | '
+        'sed -n \'s/.*"\\(access_\\)\\{0,1\\}token": *"\\([^"]*\\)".*/\\2/p\')',
+        '  [ -n "$t" ] && h=$(curl -sSI --max-time 10 -H "$a" -H "Authorization: Bearer $t" '
+        '"$u" 2>&1 | tr -d "\\r")',
+        "fi",
+        'd=$(printf "%s\\n" "$h" | sed -n "s/^[Dd]ocker-[Cc]ontent-[Dd]igest: *//p" | head -n 1)',
+        'code=$(printf "%s\\n" "$h" | sed -n "1s/^HTTP[^ ]* \\([0-9]*\\).*/\\1/p")',
+        f"echo \"@@remote {ref} ${{d:-?HTTP ${{code:-no answer}}}}\"",
+    ])
+
+
+_IMAGE_FORMAT = "@@image {{.Id}} {{range .RepoDigests}}{{.}} {{end}}"
+
+
+def facts_script(settings: Settings, refs: list[str]) -> str:
+    """Containers, their images' digests and the registry's digests, all in parallel."""
+    lines = [
+        'T=$(mktemp -d); trap \'rm -rf "$T"\' EXIT',
+        "echo '== containers'",
+        f"{inspect_containers_cmd(settings)} | tee \"$T/c\"",
+        "for i in $(cut -d'|' -f5 \"$T/c\" | sort -u); do",
+        f"  docker image inspect --format {shlex.quote(_IMAGE_FORMAT)} \"$i\" 2>/dev/null",
+        "done",
+    ]
+    for i, ref in enumerate(sorted(set(refs))):
+        lines.append("( " + registry_digest_cmd(ref) + f" ) > \"$T/r{i}\" &")
+    lines += ["wait", "cat \"$T\"/r* 2>/dev/null", "true"]
+    return "\n".join(lines)
+
+
+@dataclass
+class Row:
+    service: str
+    now: str  # current image (ref@digest) or "-"
+    then: str  # what the registry has now for the wanted ref
+    action: str
+    why: str = ""
+
+
+def compose_services(text: str) -> dict[str, object]:
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError:
+        return {}
+    return dict(data.get("services") or {})
+
+
+def _short(digest: str) -> str:
+    return digest.removeprefix("sha256:")[:12] if digest else "?"
+
+
+def plan_rows(settings: Settings, fact_text: str, old_compose: str, new_compose: str,
+              changed_rel: list[str]) -> list[Row]:
+    """What deploy would do to each service (pure: from the facts gathered)."""
+    containers = parse_containers(sections(fact_text).get("containers", []))
+    repo_digests: dict[str, list[str]] = {}
+    remote: dict[str, str] = {}
+    for line in fact_text.splitlines():
+        if line.startswith("@@image "):
+            parts = line.split()
+            repo_digests[parts[1]] = parts[2:]
+        elif line.startswith("@@remote "):
+            _, ref, digest = line.split(" ", 2)
+            remote[ref] = digest.strip()
+    old, new = compose_services(old_compose), compose_services(new_compose)
+    reloads = reloads_for(changed_rel)
+    nginx_up = any(c.running for c in containers if c.service == "nginx")
+    rows = []
+    for service in SERVICES:
+        ref = settings.image(service)
+        running = sorted((c for c in containers if c.service == service and c.running),
+                         key=lambda c: c.created)
+        want = remote.get(ref, "?")
+        then = f"{ref}@{_short(want)}" if not want.startswith("?") else f"{ref} ({want[1:]})"
+        if not running:
+            rows.append(Row(service, "-", then, "create", "not running"))
+            continue
+        cur = running[-1]
+        repo = ref.split("@")[0].rsplit(":", 1)[0] if ":" in ref.split("/")[-1] else ref
+        have = [d.split("@", 1)[1] for d in repo_digests.get(cur.image_id, [])
+                if "@" in d]
+        have_repo = [d.split("@", 1)[1] for d in repo_digests.get(cur.image_id, [])
+                     if d.split("@", 1)[0] == repo]
+        now = f"{cur.ref}@{_short((have_repo or have or [''])[0])}"
+        why = []
+        if cur.ref != ref:
+            why.append(f"image {cur.ref} -> {ref}")
+        elif not want.startswith("?") and want not in have:
+            why.append("a newer image in the registry")
+        if old.get(service) != new.get(service):
+            why.append("its compose definition changed")
+        if why:
+            action = "replace beside the old" if service in ROLLING and nginx_up \
+                else "recreate"
+        elif service in reloads:
+            action, why = "reload", ["a file it mounts changed"]
+        else:
+            action = "nothing"
+        rows.append(Row(service, now, then, action, "; ".join(why)))
+    return rows
+
+
+def format_plan(rows: list[Row]) -> str:
+    table = [("SERVICE", "RUNNING NOW", "", "REGISTRY NOW", "WOULD")]
+    table += [(r.service, r.now, "->", r.then, r.action + (f" ({r.why})" if r.why else ""))
+              for r in rows]
+    w = [max(len(r[i]) for r in table) for i in range(4)]
+    return "\n".join("  ".join(c.ljust(w[i]) if i < 4 else c for i, c in enumerate(r)).rstrip()
+                     for r in table)
+
+
+def file_diffs(host: Host, files: dict[str, bytes], known: dict[str, str]) -> list[str]:
+    """Unified diffs of the files that would change (reading the server's copies)."""
+    out = []
+    for path, data in files.items():
+        if known.get(path) == sha256(data):
+            continue
+        old = host.read_file(path, sudo=True) if path in known else b""
+        out.append("".join(difflib.unified_diff(
+            old.decode(errors="replace").splitlines(keepends=True),
+            data.decode(errors="replace").splitlines(keepends=True),
+            fromfile=f"{host.name}:{path}" if path in known else "/dev/null",
+            tofile=f"{host.name}:{path} (new)")).rstrip("\n"))
+    return out
+
+
+def show_plan(host: Host, settings: Settings) -> list[Row]:
+    """Print the plan of a deploy to ``host``; returns its rows. Changes nothing."""
+    files = remote_files(settings)
+    root = settings.root.rstrip("/")
+    state = parse_state(host.check(probe_script(settings, list(files)), sudo=True).stdout)
+    if state.busy:
+        host.say(f"note: a deploy is running now: {state.busy}")
+    if state.unset:
+        host.say(f"note: {settings.env_file} lacks {', '.join(state.unset)}: a real deploy "
+                 "would refuse; run provision first")
+    known = {f"{root}/{rel}": digest for rel, digest in state.hashes.items()}
+    changed = [p for p, data in files.items() if known.get(p) != sha256(data)]
+    for diff in file_diffs(host, files, known):
+        host.say(diff)
+    compose_path = settings.compose_file
+    old_compose = (host.read_file(compose_path, sudo=True).decode(errors="replace")
+                   if compose_path in known else "")
+    new_compose = files[compose_path].decode()
+    refs = [settings.image(s) for s in SERVICES]
+    r = host.check(f"bash -c {shlex.quote(facts_script(settings, refs))}", sudo=True,
+                   timeout=120)
+    rows = plan_rows(settings, r.stdout, old_compose, new_compose,
+                     relative(settings, changed))
+    work = [x for x in rows if x.action != "nothing"]
+    if not work and not changed:
+        host.say(f"{host.name}: nothing would change (files, images and containers are "
+                 "current)")
+        return rows
+    if changed:
+        host.say(f"{len(changed)} file(s) would change: {', '.join(relative(settings, changed))}")
+    host.say(format_plan(rows))
+    if not work:
+        host.say("no service would be touched (only files that no running service reads)")
+    elif any(c.service == "postgres" and c.running for c in parse_containers(
+            sections(r.stdout).get("containers", []))):
+        host.say(f"backup first: backup.postgres (pre-deploy) into "
+                 f"{settings.backup.dir.rstrip('/')}/postgres")
+    else:
+        host.say("backup first: none (PostgreSQL is not running yet)")
+    return rows
