@@ -32,7 +32,7 @@ from fabfile.lock import StackLock
 
 pytestmark = pytest.mark.rig
 
-PROJECT = "maicivydeploy"
+PROJECT = os.environ.get("MAICIVY_DEPLOY_RIG_PROJECT", "maicivydeploy")
 
 
 class Rig:
