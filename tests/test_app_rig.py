@@ -27,7 +27,8 @@ from fabfile.config import SERVICES
 
 pytestmark = pytest.mark.rig
 
-PROJECT = "maicivyapp"
+# (unique per run: the rig is shared by parallel runs of the suite)
+PROJECT = f"maicivyapp{os.getpid()}"
 SITE, GRAFANA = "maicivy.test", "grafana.maicivy.test"
 
 
