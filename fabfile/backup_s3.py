@@ -50,10 +50,34 @@ def parse_url(value: str) -> tuple[str, str]:
     return bucket, key
 
 
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def check_endpoint(endpoint: str) -> None:
+    """Refuse a plain-http endpoint unless it is on this machine (loopback).
+
+    Whoever sits on an http:// link could change the manifests and archives we
+    restore from; credentials would cross it in the clear too.
+    """
+    if not endpoint:
+        return
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(endpoint)
+    if parts.scheme == "https" and parts.hostname:
+        return
+    if parts.scheme == "http" and parts.hostname in LOOPBACK:
+        return
+    raise OpsError(f"backup.s3.endpoint {endpoint!r} must be an https:// URL (plain http "
+                   "only to a loopback address such as http://127.0.0.1:9000)")
+
+
 def client(settings: Settings, env: dict[str, str]):
     """A boto3 S3 client from ``backup.s3`` and the .env credentials."""
     import boto3
     from botocore.config import Config
+
+    check_endpoint(settings.backup.s3.endpoint)
 
     key_id = env.get("AWS_ACCESS_KEY_ID", "")
     secret = env.get("AWS_SECRET_ACCESS_KEY", "")

@@ -38,10 +38,11 @@ REDIS_ENV = 'export REDISCLI_AUTH="$REDIS_PASSWORD"'
 
 # Counts the rows of every table in a plain SQL stream (pg_restore -f -): one
 # line per row between "COPY <table> (...) FROM stdin;" and "\.".
+# Inside a COPY block each line costs one string comparison (a data line can
+# never be a lone "\." in COPY's text format: a backslash is written doubled).
 COUNT_ROWS_AWK = (
-    r'/^COPY /{t=$0; sub(/^COPY /,"",t); sub(/ \(.*$| FROM stdin;$/,"",t); n=0; c=1; next} '
-    r'c&&/^\\\.$/{printf "count\t%d\t%s\n", n, t; c=0; next} '
-    r"c{n++}"
+    r'c{if($0=="\\."){printf "count\t%d\t%s\n", n, t; c=0} else n++; next} '
+    r'/^COPY /{t=$0; sub(/^COPY /,"",t); sub(/ \(.*$| FROM stdin;$/,"",t); n=0; c=1}'
 )
 
 # Exact row count of every ordinary table, named like pg_dump's COPY lines.
@@ -174,57 +175,55 @@ def _finish_file() -> str:
 # --- postgres -------------------------------------------------------------------
 
 
-# Inside the postgres container: decompress the archive read from stdin, read it
-# whole with pg_restore and count the rows, so that only the *compressed* bytes
-# cross docker's stdin (and a few lines come back). POSIX sh (no pipefail):
-# each stage writes its exit status to a file. Exit 42: no such decompressor.
-PG_READ_SH = PG_ENV + r"""
-case "$1" in
-  *.zst|*.zst.partial) dz="zstd -q -d -c" ;;
-  *) dz="gzip -d -c" ;;
-esac
-command -v "${dz%% *}" >/dev/null 2>&1 || exit 42
+# Inside the postgres container: pg_dump, its stream read whole by pg_restore
+# (rows counted) and checksummed *while* it goes out on stdout: no second pass
+# over the data. POSIX sh (no pipefail): statuses, counts and the sha256 of the
+# uncompressed stream go to stderr as key=value / count lines.
+PG_DUMP_SH = PG_ENV + r"""
 st=$(mktemp -d) || exit 1
-{ $dz; echo $? > "$st/d"; } | { pg_restore -f -; echo $? > "$st/r"; } |
-  awk '""" + COUNT_ROWS_AWK.replace("'", "'\\''") + r"""'
-echo "status_decompress=$(cat "$st/d")"
-echo "status_restore=$(cat "$st/r")"
-rm -rf "$st"
+trap 'rm -rf "$st"' EXIT
+mkfifo "$st/r" "$st/s" || exit 1
+{ pg_restore -f - < "$st/r"; echo "status_restore=$?" > "$st/rs"; } |
+  awk '""" + COUNT_ROWS_AWK.replace("'", "'\\''") + r"""' > "$st/counts" &
+sha256sum < "$st/s" > "$st/sha" &
+{ pg_dump -Fc -Z0; echo "status_dump=$?" > "$st/ds"; } | tee "$st/r" "$st/s"
+echo "status_tee=$?" >&2
+wait
+cat "$st/counts" "$st/rs" "$st/ds" >&2
+echo "raw_sha256=$(cut -d' ' -f1 < "$st/sha")" >&2
 """
 
 
-def pg_verify_stream(settings: Settings, archive: str = '"$tmp"') -> str:
-    """Bash: read the whole archive (decompress + pg_restore to SQL), print row counts.
-
-    Decompression and pg_restore run in the postgres container (only the
-    compressed file crosses docker); if the container has no such
-    decompressor, the archive is decompressed on the host instead.
-    """
-    inside = exec_in(settings, "postgres", PG_READ_SH, "$archive_name")
-    inside = inside.replace(q("$archive_name"), '"$archive_name"')
-    restore = exec_in(settings, "postgres", f"{PG_ENV}; exec pg_restore -f -")
+def _dump_status(errfile: str, what: str) -> str:
+    """Bash: fail unless the dump's in-container steps all exited 0 (see PG_DUMP_SH)."""
+    last = (f'$(grep -v -e "^count" -e "^status_" -e "^raw_sha256=" {errfile} '
+            "| sed -n '/./h; ${x;p}')")
     return (
-        f"archive_name={archive}; archive_name=${{archive_name##*/}}\n"
+        f'grep -qx "status_dump=0" {errfile} || fail "pg_dump failed in the postgres '
+        f'container: {last}"\n'
+        f'grep -qx "status_restore=0" {errfile} || fail "pg_restore cannot read the whole '
+        f'{what}: {last}"\n'
+        f'grep -qx "status_tee=0" {errfile} || fail "streaming the dump out of the postgres '
+        f'container failed: {last}"\n'
+    )
+
+
+def read_back(archive: str = '"$tmp"') -> str:
+    """Bash: read ``archive`` ONCE: its sha256 (into $work/sha) and the sha256 of what
+    it decompresses to (into $work/raw), checksum and decompression together."""
+    return (
+        f"decompressor {archive}\n"
+        + 'rm -f -- "$work/f"; mkfifo -- "$work/f" || fail "cannot create a fifo in $work"\n'
+        + 'sha256sum < "$work/f" > "$work/sha" &\nshapid=$!\n'
+        + 'exec 3> "$work/f"  # a writer of our own: the checksum ends even if tee never ran\n'
         + "set +e\n"
-        + f'{inside} < {archive} > "$work/counts" 2> "$work/read.err"\n'
-        + "rc=$?\nset -e\n"
-        + 'if [ "$rc" = 42 ]; then\n'
-        + f"decompressor {archive}\n"
-        + _pipe(
-            f'"${{D[@]}}" < {archive} | {restore} | awk {q(COUNT_ROWS_AWK)} > "$work/counts"',
-            "the archive does not decompress (corrupted or truncated)",
-            "pg_restore cannot read the whole archive (corrupted or truncated)",
-            "counting rows failed",
-        )
-        + "else\n"
-        + '  last=$(sed -n "/./h; \\${x;p}" "$work/read.err")\n'
-        + '  [ "$rc" = 0 ] || fail "reading the archive in the postgres container failed: $last"\n'
-        + '  grep -qx "status_decompress=0" "$work/counts" || '
-        + 'fail "the archive does not decompress (corrupted or truncated): $last"\n'
-        + '  grep -qx "status_restore=0" "$work/counts" || '
-        + 'fail "pg_restore cannot read the whole archive (corrupted or truncated): $last"\n'
-        + "fi\n"
-        + 'grep "^count" "$work/counts" || [ $? = 1 ]  # 1: no table (an empty database)\n'
+        + f'tee "$work/f" < {archive} | "${{D[@]}}" | sha256sum > "$work/raw"\n'
+        + 'st=("${PIPESTATUS[@]}")\nexec 3>&-\nwait "$shapid"; shast=$?\nset -e\n'
+        + f'[ "${{st[0]}}" = 0 ] || fail "cannot read "{archive}" to checksum it"\n'
+        + '[ "$shast" = 0 ] && [ -s "$work/sha" ] || fail "cannot checksum the archive"\n'
+        + '# The checksum first: a damaged file is told by it, whatever else fails.\n'
+        + 'echo "sha256=$(cut -d" " -f1 < "$work/sha")"\n'
+        + '[ "${st[1]}" = 0 ] || fail "the archive does not decompress (corrupted or truncated)"\n'
     )
 
 
@@ -238,7 +237,7 @@ def pg_backup_script(settings: Settings, compression: str | None = None,
         f"{PG_ENV}; pg_dump --version && psql -XtAq -c 'SHOW server_version' "
         "&& psql -XtAq -c 'SELECT current_database()'",
     )
-    dump = exec_in(settings, "postgres", f"{PG_ENV}; exec pg_dump -Fc -Z0")
+    dump = exec_in(settings, "postgres", PG_DUMP_SH)
     dump_globals = exec_in(settings, "postgres", f"{PG_ENV}; exec pg_dumpall --globals-only")
     return (
         HEADER + COMPRESSOR
@@ -257,12 +256,14 @@ def pg_backup_script(settings: Settings, compression: str | None = None,
         + _new_name("postgres", label)
         + 'data=$dir/$name.dump.$ZEXT; tmp=$dir/.$name.dump.$ZEXT.partial\n'
         + 'gdata=$dir/$name.globals.sql.$ZEXT; gtmp=$dir/.$name.globals.sql.$ZEXT.partial\n'
-        + _pipe(
-            f'{dump} </dev/null | "${{Z[@]}}" > "$tmp"',
-            "pg_dump failed in the postgres container",
-            "writing the compressed dump to $dir failed (disk full?)",
-            writer_first=True,
-        )
+        + "set +e\n"
+        + f'{dump} </dev/null 2> "$work/dump.err" | "${{Z[@]}}" > "$tmp"\n'
+        + 'st=("${PIPESTATUS[@]}")\nset -e\n'
+        + '[ "${st[1]}" = 0 ] || fail "writing the compressed dump to $dir failed (disk full?) '
+        + '(exit ${st[1]})"\n'
+        + '[ "${st[0]}" = 0 ] || fail "pg_dump failed in the postgres container (exit ${st[0]}): '
+        + '$(tail -n 1 "$work/dump.err")"\n'
+        + _dump_status('"$work/dump.err"', "dump")
         + _pipe(
             f'{dump_globals} </dev/null | "${{Z[@]}}" > "$gtmp"',
             "pg_dumpall --globals-only failed in the postgres container",
@@ -271,13 +272,16 @@ def pg_backup_script(settings: Settings, compression: str | None = None,
         )
         + 'sync -- "$gtmp" || fail "cannot fsync $gtmp"\n'
         + _finish_file()
-        + 'sha256sum < "$tmp" > "$work/sha" &\nshapid=$!\n'
-        + pg_verify_stream(settings)
-        + 'wait "$shapid" || fail "cannot read $tmp to checksum it"\n'
+        + read_back()
+        + 'want=$(sed -n "s/^raw_sha256=//p" "$work/dump.err")\n'
+        + '[ "$(cut -d" " -f1 < "$work/raw")" = "$want" ] || fail "the archive read back from '
+        + '$dir does not decompress to the dump pg_restore read (disk or compressor error)"\n'
+        + 'grep "^count" "$work/dump.err" || [ $? = 1 ]  # 1: no table (an empty database)\n'
         + 'decompressor "$gtmp"\n'
         + _pipe('"${D[@]}" < "$gtmp" | wc -c > /dev/null',
                 "the globals dump does not decompress", "reading the globals dump failed")
         + 'echo "sha256=$(cut -d" " -f1 < "$work/sha")"\n'
+        + 'echo "raw_sha256=$want"\n'
         + 'echo "size=$(stat -c %s -- "$tmp")"\n'
         + 'echo "globals_sha256=$(sha256sum < "$gtmp" | cut -d" " -f1)"\n'
         + 'echo "globals_size=$(stat -c %s -- "$gtmp")"\n'
@@ -286,6 +290,23 @@ def pg_backup_script(settings: Settings, compression: str | None = None,
         + 'sync -- "$dir" || true\n'
         + 'echo "file=${data##*/}"\necho "globals_file=${gdata##*/}"\n'
         + 'echo "finished=$(date -u +%s.%N)"\n'
+    )
+
+
+def pg_check_archive_script(settings: Settings, path: str) -> str:
+    """Read an existing archive once: sha256 and full decompression; print sha256, size.
+
+    (Its contents are read whole by pg_restore when it is restored, into a new
+    or scratch database, and the row counts compared there.)"""
+    return (
+        HEADER + COMPRESSOR
+        + f"archive={q(path)}\n"
+        + '[ -f "$archive" ] || fail "$archive does not exist"\n'
+        + 'work=$(mktemp -d) || fail "cannot create a temporary directory"\n'
+        + "trap 'rm -rf -- \"$work\"' EXIT\n"
+        + read_back('"$archive"')
+        + 'echo "raw_sha256=$(cut -d" " -f1 < "$work/raw")"\n'
+        + 'echo "size=$(stat -c %s -- "$archive")"\n'
     )
 
 
@@ -302,11 +323,6 @@ def _check_archive_script(path: str, verify_stream: str) -> str:
         + verify_stream
         + 'echo "size=$(stat -c %s -- "$archive")"\n'
     )
-
-
-def pg_check_archive_script(settings: Settings, path: str) -> str:
-    """Checksum and fully read an existing archive; print sha256, size and row counts."""
-    return _check_archive_script(path, pg_verify_stream(settings, '"$archive"'))
 
 
 def psql_script(settings: Settings, sql: str, database: str = "postgres", **variables) -> str:
@@ -537,6 +553,14 @@ def redis_check_archive_script(settings: Settings, path: str) -> str:
     """Checksum an existing RDB archive and check it with redis-check-rdb."""
     return _check_archive_script(path, redis_verify_stream(settings, '"$archive"'))
 
+
+# Where the stack's Redis keeps its data: templates/docker/docker-compose.prod.yml
+# runs ``redis-server --dir /data --appendonly yes`` with the default file names.
+# A restore operates on these, never on paths read from a manifest.
+REDIS_DATA_DIR = "/data"
+REDIS_DBFILENAME = "dump.rdb"
+REDIS_APPENDDIRNAME = "appendonlydir"
+REDIS_APPENDONLY = "yes"
 
 # Inside a one-off container of the redis service (redis stopped), with the
 # decompressed RDB on stdin: move the current files aside into $2 and install

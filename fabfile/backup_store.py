@@ -9,6 +9,7 @@ duration and the verification result.
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -103,13 +104,67 @@ def listing_command(settings: Settings) -> str:
     )
 
 
+# The data files we write, by kind: nothing else is ever taken from a manifest.
+DATA_SUFFIX = {"postgres": r"\.dump\.(gz|zst)", "redis": r"\.rdb\.(gz|zst)"}
+GLOBALS_SUFFIX = r"\.globals\.sql\.(gz|zst)"
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
+
+
+def manifest_problem(kind: str, name: str, manifest) -> str | None:
+    """Why ``manifest`` (read from the server or a bucket) is not one of ours, or None.
+
+    Every name in it must be exactly what a backup of ``kind`` called ``name``
+    writes (no ``/``, known suffixes); checksums and sizes must be well formed.
+    """
+    if not isinstance(manifest, dict):
+        return "it is not a JSON object"
+    if not NAME_RE.fullmatch(name) or not name.startswith(kind + "-"):
+        return f"{name!r} is not a {kind} backup name"
+    if manifest.get("name", name) != name or manifest.get("kind", kind) != kind:
+        return f"it describes {manifest.get('kind')} backup {manifest.get('name')!r}"
+    files = [("file", manifest.get("file"), DATA_SUFFIX[kind], manifest)]
+    if kind == "postgres" or manifest.get("globals") is not None:
+        g = manifest.get("globals")
+        if not isinstance(g, dict):
+            return "its globals entry is missing"
+        files.append(("globals.file", g.get("file"), GLOBALS_SUFFIX, g))
+    for key, value, suffix, where in files:
+        if not isinstance(value, str) or not re.fullmatch(re.escape(name) + suffix, value):
+            return f"its {key} {value!r} is not a file name this tool writes"
+        if not isinstance(where.get("sha256"), str) or \
+                not SHA256_RE.fullmatch(where["sha256"]):
+            return f"its sha256 of {value} is malformed"
+        if not _count(where.get("size")):
+            return f"its size of {value} is malformed"
+    if kind == "postgres":
+        tables = manifest.get("tables", {})
+        if not isinstance(tables, dict) or not all(
+                isinstance(t, str) and _count(n) for t, n in tables.items()):
+            return "its table row counts are malformed"
+    elif not _count(manifest.get("keys", 0)) or not _count(manifest.get("expires", 0)):
+        return "its key counts are malformed"
+    return None
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def check_manifest(kind: str, name: str, manifest, where: str) -> dict:
+    """``manifest`` if it passes :func:`manifest_problem`; else one-line OpsError."""
+    problem = manifest_problem(kind, name, manifest)
+    if problem:
+        raise OpsError(f"the manifest {where} is not trusted: {problem}; nothing was changed")
+    return manifest
+
+
 def name_of(filename: str) -> str | None:
     """The backup name a file belongs to (``None`` for foreign files)."""
     base = filename.lstrip(".")
     if base.endswith(".partial"):
         base = base[: -len(".partial")]
     name = base.split(".", 1)[0]
-    return name if NAME_RE.match(name) else None
+    return name if NAME_RE.fullmatch(name) else None
 
 
 def parse_listing(text: str) -> dict[str, list[Entry]]:
@@ -134,7 +189,8 @@ def parse_listing(text: str) -> dict[str, list[Entry]]:
                 data = json.loads(body)
             except ValueError:
                 data = None  # unreadable manifest: not a backup
-            e.manifest = data if isinstance(data, dict) else None
+            # A manifest naming files we never write is not a backup either.
+            e.manifest = data if manifest_problem(kind, name, data) is None else None
     out: dict[str, list[Entry]] = {k: [] for k in KINDS}
     for (kind, _), e in entries.items():
         out.setdefault(kind, []).append(e)

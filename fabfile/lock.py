@@ -649,10 +649,12 @@ def stack_lock(host: Host, settings: Settings, task: str, *, report: str = "",
         lock.release()
 
 
-def locked(task: str):
+def locked(task: str, before=None):
     """Decorator for a task that changes the stack: hold the stack lock around it.
 
-    Skipped for ``--dry-run``. Put it under ``@ops_task``.
+    Skipped for ``--dry-run``. Put it under ``@ops_task``. ``before(host,
+    settings)``, if given, runs first, without the lock (a read-only preflight
+    that may refuse before the lock directory is even created).
     """
 
     def decorate(fn):
@@ -664,6 +666,8 @@ def locked(task: str):
 
             settings = settings_for(c)
             host = host_for(c, settings)
+            if before is not None:
+                before(host, settings)
             with stack_lock(host, settings, task, context=c):
                 return fn(c, *args, **kwargs)
 

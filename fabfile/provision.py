@@ -475,15 +475,19 @@ def step_ufw(host: Host, settings: Settings, facts: Facts, report: Report) -> No
     report.changed(f"ufw enabled: {port}/tcp rate-limited, 80 and 443 allowed, rest denied")
 
 
-def provision_host(host: Host, settings: Settings) -> Report:
-    report = Report(host)
-    host.say(f"provision {host.name}:")
-    # Before anything changes: would the firewall cut us off? (Also right for
-    # `sudo inv provision` in an SSH session: sudo drops SSH_CONNECTION.)
+def check_ssh_port(host: Host, settings: Settings) -> None:
+    """Before anything changes: would the firewall cut us off? (Also right for
+    `sudo inv provision` in an SSH session: sudo drops SSH_CONNECTION.)"""
     session = host.check(SSH_CONNECTION_SH + '\nprintf "%s" "$who_ssh"').stdout
     lockout = ssh_port_lockout(session, settings.provision.ssh_port)
     if lockout:
         raise OpsError(f"{host.name}: {lockout}")
+
+
+def provision_host(host: Host, settings: Settings) -> Report:
+    report = Report(host)
+    host.say(f"provision {host.name}:")
+    check_ssh_port(host, settings)
     facts = parse_facts(host.check(facts_script(
         list(BASE_PACKAGES) + list(_ALL_COMPOSE)), sudo=True).stdout)
     step_packages(host, facts, report)
@@ -526,7 +530,7 @@ from .lock import locked  # noqa: E402
 @ops_task(default=True, help={
     "dry_run": "show what would change (commands and files), change nothing",
 })
-@locked("provision")
+@locked("provision", before=check_ssh_port)  # refused before the lock creates ROOT
 def provision(c, dry_run=False):
     """Prepare a fresh Debian/Ubuntu server for the stack; safe to run again.
 

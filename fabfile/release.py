@@ -401,8 +401,14 @@ def scale_up_cmd(settings: Settings, service: str, count: int, timeout: int,
     label = shlex.quote(f"label=com.docker.compose.project={settings.compose_project}")
     svc = shlex.quote(f"label=com.docker.compose.service={service}")
     known_ids = " ".join(known)
-    up = compose(settings, "up", "-d", "--no-deps", "--no-recreate", "--scale",
+    # Created, not started: nginx finds the service through Docker's DNS (resolver,
+    # names re-resolved every few seconds), so the new container stays off nginx's
+    # network (edge) until it is healthy -- a broken release never gets a request.
+    up = compose(settings, "up", "--no-start", "--no-deps", "--no-recreate", "--scale",
                  f"{service}={count}", service)
+    edge = shlex.quote(f"{settings.compose_project}_edge")
+    aliases = ("{{with index .NetworkSettings.Networks \"" + f"{settings.compose_project}_edge"
+               + "\"}}{{range .Aliases}}{{.}} {{end}}{{end}}")
     return "\n".join([
         "set -e",
         diag_function(),
@@ -413,12 +419,20 @@ def scale_up_cmd(settings: Settings, service: str, count: int, timeout: int,
         "done",
         "[ -n \"$new\" ] || { echo '== status no new container'; exit 3; }",
         "echo \"== new $new $(docker inspect --format '{{.Name}}' \"$new\" | sed 's,^/,,')\"",
+        f"aliases=$(docker inspect --format {shlex.quote(aliases)} \"$new\")",
+        f"if [ -n \"$aliases\" ]; then docker network disconnect {edge} \"$new\"; fi",
+        'docker start "$new" >/dev/null',
+        "join() {",
+        '  [ -n "$aliases" ] || return 0',
+        "  set -- ; for a in $aliases; do set -- \"$@\" --alias \"$a\"; done",
+        f'  docker network connect "$@" {edge} "$new"',
+        "}",
         f"end=$(( $(date +%s) + {int(timeout)} ))",
         "while :; do",
         "  st=$(docker inspect --format '{{.State.Status}} {{if .State.Health}}"
         "{{.State.Health.Status}}{{else}}none{{end}}' \"$new\")",
         '  case "$st" in',
-        '    "running healthy"|"running none") echo "== status $st"; exit 0;;',
+        '    "running healthy"|"running none") join; echo "== status $st"; exit 0;;',
         '    *unhealthy*|exited*|dead*) echo "== status $st"; diag "$new"; exit 4;;',
         "  esac",
         '  [ "$(date +%s)" -ge "$end" ] && { echo "== status $st (timed out)"; diag "$new"; '

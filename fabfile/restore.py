@@ -14,6 +14,7 @@ import json
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from invoke import Collection
@@ -25,10 +26,13 @@ from .backup import (
     drop_database,
     restore_into,
     run_backup,
-    table_counts,
 )
 from .backup_shell import HEADER as SH_HEADER
 from .backup_shell import (
+    REDIS_APPENDDIRNAME,
+    REDIS_APPENDONLY,
+    REDIS_DATA_DIR,
+    REDIS_DBFILENAME,
     REDIS_ENV,
     REDIS_INSTALL_SH,
     REDIS_ROLLBACK_SH,
@@ -43,7 +47,14 @@ from .backup_shell import (
     redis_oneoff,
     swap_databases_sql,
 )
-from .backup_store import Entry, find_entry, list_backups, manifest_json, name_of
+from .backup_store import (
+    Entry,
+    check_manifest,
+    find_entry,
+    list_backups,
+    manifest_json,
+    name_of,
+)
 from .config import Settings
 from .core import host_for, ops_task, settings_for
 from .errors import OpsError
@@ -60,10 +71,25 @@ def _stamp() -> str:
 # --- finding and fetching the backup ------------------------------------------------
 
 
-def resolve(host: Host, settings: Settings, ref: str, kind: str) -> Entry:
-    """The backup ``ref`` names: latest, a name, a file or path on the server, s3://..."""
+@dataclass
+class InBucket:
+    """A backup in S3 whose manifest was read and checked; nothing fetched yet."""
+
+    ref: str
+    bucket: str
+    base: str  # key prefix, ending in "/" (or "")
+    name: str
+    manifest: dict
+
+
+def resolve(host: Host, settings: Settings, ref: str, kind: str) -> Entry | InBucket:
+    """The backup ``ref`` names: latest, a name, a file or path on the server, s3://...
+
+    An S3 backup is only *described* here (its manifest, checked): it is
+    downloaded by :func:`fetch` after the confirmation.
+    """
     if ref.startswith("s3://"):
-        return fetch_from_s3(host, settings, ref, kind)
+        return s3_backup(host, settings, ref, kind)
     if ref.startswith("/") and not ref.startswith(kind_dir(settings, kind) + "/"):
         return _entry_at_path(host, settings, ref, kind)
     return find_entry(list_backups(host, settings), ref, kind)
@@ -83,11 +109,12 @@ def _entry_at_path(host: Host, settings: Settings, path: str, kind: str) -> Entr
         manifest = json.loads(r.stdout)
     except ValueError as exc:
         raise OpsError(f"{manifest_file} is not valid JSON; refusing to use {path}") from exc
-    return Entry(kind, name, manifest, {manifest.get("file", fname): 0}, directory=directory)
+    check_manifest(kind, name, manifest, manifest_file)
+    return Entry(kind, name, manifest, {manifest["file"]: 0}, directory=directory)
 
 
-def fetch_from_s3(host: Host, settings: Settings, ref: str, kind: str) -> Entry:
-    """Download a backup (manifest first) from S3 into backup.dir, checking its sha256."""
+def s3_backup(host: Host, settings: Settings, ref: str, kind: str) -> Entry | InBucket:
+    """Read and check the manifest of an S3 backup (the local copy if it is the same)."""
     bucket, key = s3mod.parse_url(ref)
     prefix, _, fname = key.rpartition("/")
     name = name_of(fname)
@@ -95,40 +122,67 @@ def fetch_from_s3(host: Host, settings: Settings, ref: str, kind: str) -> Entry:
         raise OpsError(f"{ref} is not a {kind} backup (expected .../{kind}-<time>.*)")
     s3 = s3mod.client(settings, read_env(host, settings))
     base = f"{prefix}/" if prefix else ""
+    where = f"s3://{bucket}/{base}{name}.json"
     try:
         manifest = json.loads(s3mod.get_small(s3, bucket, f"{base}{name}.json"))
     except ValueError as exc:
-        raise OpsError(f"the manifest of {ref} is not valid JSON") from exc
+        raise OpsError(f"the manifest {where} is not valid JSON; nothing was changed") from exc
+    check_manifest(kind, name, manifest, where)
     local = {e.name: e for e in list_backups(host, settings).get(kind, [])}
     if name in local and local[name].complete and \
             local[name].manifest.get("sha256") == manifest.get("sha256"):
         host.say(f"{name} is already on the server")
         return local[name]
+    return InBucket(ref, bucket, base, name, manifest)
+
+
+def fetch(host: Host, settings: Settings, found: Entry | InBucket, kind: str) -> Entry:
+    """The backup on the server, checked: an S3 one is downloaded now (after the
+    confirmation) into a fresh private directory, checked there (sha256 while it
+    streams, then the full read) and only then moved into backup.dir."""
+    if isinstance(found, Entry):
+        return found
+    m, name = found.manifest, found.name
+    s3 = s3mod.client(settings, read_env(host, settings))
     d = kind_dir(settings, kind)
-    files = [(manifest["file"], manifest["sha256"])]
-    if manifest.get("globals"):
-        files.append((manifest["globals"]["file"], manifest["globals"]["sha256"]))
+    # Names validated by check_manifest: plain file names of this backup.
+    files = [(m["file"], m["sha256"])]
+    if m.get("globals"):
+        files.append((m["globals"]["file"], m["globals"]["sha256"]))
     with server_lock(host, lock_path(settings, kind), wait=settings.backup.lock_wait_seconds,
                      task="restore (fetch from s3)"):
         host.run(f"install -d -m 700 -- {q(settings.backup.dir)} {q(d)}", sudo=True)
-        for f, sha in files:
-            tmp = f"{d}/.{f}.partial"
-            writer = s3mod.ServerWriter(host, tmp)
-            try:
-                _, got = s3mod.download(s3, bucket, f"{base}{f}", writer)
-                writer.close()
-            except BaseException:
-                host.run(f"rm -f -- {q(tmp)}", sudo=True, warn=True)
-                raise
-            if got != sha:
-                host.run(f"rm -f -- {q(tmp)}", sudo=True, warn=True)
-                raise OpsError(f"s3://{bucket}/{base}{f} does not match its manifest "
-                               "(sha256 differs); refusing to use it")
-            host.run(f"mv -f -- {q(tmp)} {q(d + '/' + f)}", sudo=True)
-        manifest = {**manifest, "fetched_from": ref}
-        host.write_file(f"{d}/{name}.json", manifest_json(manifest), mode=0o600, sudo=True)
-    host.say(f"fetched {name} from s3://{bucket}/{base}")
+        r = host.run(f"mktemp -d -p {q(settings.backup.dir)} .fetch-XXXXXXXX", sudo=True)
+        work = r.stdout.strip()
+        if not work.startswith(settings.backup.dir.rstrip("/") + "/.fetch-") or "/" in \
+                work[len(settings.backup.dir.rstrip("/")) + 1:]:
+            raise OpsError(f"mktemp gave an unexpected directory {work!r}")
+        try:
+            for f, sha in files:
+                writer = s3mod.ServerWriter(host, f"{work}/{f}")
+                try:
+                    _, got = s3mod.download(s3, found.bucket, f"{found.base}{f}", writer)
+                finally:
+                    writer.close()
+                if got != sha:
+                    raise OpsError(f"s3://{found.bucket}/{found.base}{f} does not match its "
+                                   "manifest (sha256 differs); refusing to use it")
+            staged = Entry(kind, name, m, {f: 0 for f, _ in files}, directory=work)
+            check_archive(host, settings, staged)
+            host.run(" && ".join(f"mv -f -- {q(work + '/' + f)} {q(d + '/' + f)}"
+                                 for f, _ in files), sudo=True)
+            host.write_file(f"{d}/{name}.json", manifest_json({**m, "fetched_from": found.ref}),
+                            mode=0o600, sudo=True)
+        finally:
+            host.run(f"rm -rf -- {q(work)}", sudo=True, warn=True)
+    host.say(f"fetched {name} from s3://{found.bucket}/{found.base}")
     return find_entry(list_backups(host, settings), name, kind)
+
+
+def check_found(host: Host, settings: Settings, found: Entry | InBucket) -> None:
+    """Check a backup already on the server before asking (S3 ones: after, in fetch)."""
+    if isinstance(found, Entry):
+        check_archive(host, settings, found)
 
 
 # --- confirmation -----------------------------------------------------------------
@@ -182,14 +236,20 @@ def _psql(host: Host, settings: Settings, sql: str, **variables) -> str:
     return r.stdout
 
 
+def live_database(host: Host, settings: Settings) -> str:
+    """The database a restore replaces: the stack's POSTGRES_DB (never a manifest's word)."""
+    database = read_env(host, settings).get("POSTGRES_DB", "")
+    if not database:
+        raise OpsError(f"cannot tell which database to replace: no POSTGRES_DB in "
+                       f"{settings.env_file}")
+    return database
+
+
 def restore_postgres(host: Host, settings: Settings, entry: Entry, *, safety_backup: bool = True,
                      keep_old: bool = False) -> dict:
     """Restore ``entry`` (already checked and confirmed) in place of the live database."""
     m = entry.manifest
-    database = m.get("database") or read_env(host, settings).get("POSTGRES_DB", "")
-    if not database:
-        raise OpsError("cannot tell which database to replace (no name in the manifest "
-                       "and no POSTGRES_DB in .env)")
+    database = live_database(host, settings)
     stamp = _stamp()
     new, old = f"{database}_restore_{stamp}", f"{database}_pre_restore_{stamp}"
     safety = None
@@ -198,10 +258,9 @@ def restore_postgres(host: Host, settings: Settings, entry: Entry, *, safety_bac
             safety = run_backup(host, settings, "postgres", reason="pre-restore", offsite=False,
                                 prune=False, lock=False, label="safety")
             host.say(f"safety backup of the current database: {safety['name']}")
-        with step(f"restore {entry.name} into a new database {new}"):
-            restore_into(host, settings, entry, new)
+        with step(f"restore {entry.name} into a new database {new}, count its rows"):
+            got = restore_into(host, settings, entry, new)
         try:
-            got = table_counts(host, settings, new)
             diff = count_differences(m["tables"], got)
             if diff:
                 raise OpsError(f"{entry.name} restored with different row counts: "
@@ -222,11 +281,8 @@ def restore_postgres(host: Host, settings: Settings, entry: Entry, *, safety_bac
             finally:
                 # Whatever is named ``database`` now must accept connections.
                 _psql(host, settings, allow_connections_sql(), db=database)
-            after = table_counts(host, settings, database)
-            diff = count_differences(m["tables"], after)
-            if diff:
-                raise OpsError(f"{database} has unexpected row counts after the swap: "
-                               + "; ".join(diff) + f"; the previous database is kept as {old}")
+            # The database renamed into place is the one just counted (one transaction).
+            after = got
         finally:
             if backend:
                 _start(host, settings, "backend")
@@ -261,13 +317,16 @@ def postgres(c, backup="", yes=False, safety_backup=True, keep_old=False):
     """
     settings = settings_for(c)
     host = host_for(c, settings)
-    entry = resolve(host, settings, backup, "postgres")
-    check_archive(host, settings, entry)
-    host.say(f"{entry.name}: checksum and full read ok "
-             f"({len(entry.manifest['tables'])} tables, {entry.manifest['rows']} rows)")
-    database = entry.manifest.get("database") or "the database"
-    confirm(f"replace database {database} on {host.name} with backup {entry.name}",
+    found = resolve(host, settings, backup, "postgres")
+    check_found(host, settings, found)
+    tables = found.manifest.get("tables", {})
+    if isinstance(found, Entry):
+        host.say(f"{found.name}: checksum and full read ok "
+                 f"({len(tables)} tables, {sum(tables.values())} rows)")
+    database = live_database(host, settings)
+    confirm(f"replace database {database} on {host.name} with backup {found.name}",
             database, yes)
+    entry = fetch(host, settings, found, "postgres")
     restore_postgres(host, settings, entry, safety_backup=safety_backup, keep_old=keep_old)
 
 
@@ -304,11 +363,8 @@ def _wait_redis(host: Host, settings: Settings, timeout: int = 120) -> int:
 
 
 def install_rdb_script(settings: Settings, entry: Entry, aside: str) -> str:
-    m = entry.manifest
-    directory, _, dbfile = (m.get("rdb_path") or "/data/dump.rdb").rpartition("/")
-    aof = "yes" if m.get("aof") == "yes" else "no"
-    aofdir = m.get("appenddirname") or "appendonlydir"
-    run = redis_oneoff(settings, REDIS_INSTALL_SH, directory or "/", aside, dbfile, aof, aofdir)
+    run = redis_oneoff(settings, REDIS_INSTALL_SH, REDIS_DATA_DIR, aside, REDIS_DBFILENAME,
+                       REDIS_APPENDONLY, REDIS_APPENDDIRNAME)
     return (
         SH_HEADER
         + f"archive={q(entry.data_path(settings))}\n"
@@ -322,10 +378,8 @@ def install_rdb_script(settings: Settings, entry: Entry, aside: str) -> str:
 
 
 def rollback_rdb_script(settings: Settings, entry: Entry, aside: str) -> str:
-    m = entry.manifest
-    directory, _, dbfile = (m.get("rdb_path") or "/data/dump.rdb").rpartition("/")
-    aofdir = m.get("appenddirname") or "appendonlydir"
-    return redis_oneoff(settings, REDIS_ROLLBACK_SH, directory or "/", aside, dbfile, aofdir)
+    return redis_oneoff(settings, REDIS_ROLLBACK_SH, REDIS_DATA_DIR, aside, REDIS_DBFILENAME,
+                        REDIS_APPENDDIRNAME)
 
 
 def restore_redis(host: Host, settings: Settings, entry: Entry, *, safety_backup: bool = True,
@@ -334,7 +388,7 @@ def restore_redis(host: Host, settings: Settings, entry: Entry, *, safety_backup
     m = entry.manifest
     aside = f"maicivy-pre-restore-{_stamp()}"
     safety = None
-    directory = (m.get("rdb_path") or "/data/dump.rdb").rpartition("/")[0] or "/"
+    directory = REDIS_DATA_DIR
     low = int(m.get("keys", 0)) - int(m.get("expires", 0))
     high = int(m.get("keys", 0))
     with stack_lock(host, settings, "restore.redis"):  # no deploy, no backup meanwhile
@@ -403,10 +457,13 @@ def redis(c, backup="", yes=False, safety_backup=True, keep_old=False):
     """
     settings = settings_for(c)
     host = host_for(c, settings)
-    entry = resolve(host, settings, backup, "redis")
-    check_archive(host, settings, entry)
-    host.say(f"{entry.name}: checksum and redis-check-rdb ok ({entry.manifest['keys']} keys)")
-    confirm(f"replace all redis data on {host.name} with backup {entry.name}", "redis", yes)
+    found = resolve(host, settings, backup, "redis")
+    check_found(host, settings, found)
+    if isinstance(found, Entry):
+        host.say(f"{found.name}: checksum and redis-check-rdb ok "
+                 f"({found.manifest.get('keys', 0)} keys)")
+    confirm(f"replace all redis data on {host.name} with backup {found.name}", "redis", yes)
+    entry = fetch(host, settings, found, "redis")
     restore_redis(host, settings, entry, safety_backup=safety_backup, keep_old=keep_old)
 
 

@@ -21,7 +21,10 @@ FAKE_DOCKER = r"""#!/bin/bash
 all="$*"
 case "$all" in
   *"pg_dump --version"*) printf 'pg_dump (PostgreSQL) 15.4\n15.4\nmaicivy\n' ;;
-  *"exec pg_dump -Fc"*) printf 'DUMP\n' ;;
+  *"pg_dump -Fc -Z0"*)  # the dump, read whole in the container as it goes out
+    printf 'DUMP\n'
+    printf 'status_tee=0\nstatus_restore=0\nstatus_dump=0\nraw_sha256=%s\n' \
+      "$(printf 'DUMP\n' | sha256sum | cut -d' ' -f1)" >&2 ;;
   *"pg_dumpall --globals-only"*) printf 'GLOBALS\n' ;;
   *BGSAVE*) printf 'lastsave=1\nrdb=/data/dump.rdb\naof=yes\nappenddirname=appendonlydir\n' ;;
   *"exec cat"*) printf 'RDB\n' ;;
@@ -36,6 +39,7 @@ data=$(cat)
 if [ "$data" = "$FAKE_FULL" ]; then
   echo "pigz: write error: No space left on device" >&2; exit 1
 fi
+[ "$data" = "$FAKE_CORRUPT" ] && data="${data}X"  # a compressor or disk that lies
 printf '%s\n' "$data"
 """
 
@@ -50,8 +54,9 @@ def tools(tmp_path):
     return bindir
 
 
-def run(script: str, tools: Path, full: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{tools}:{os.environ['PATH']}", "FAKE_FULL": full}
+def run(script: str, tools: Path, full: str, corrupt: str = "") -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{tools}:{os.environ['PATH']}", "FAKE_FULL": full,
+           "FAKE_CORRUPT": corrupt}
     return subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env,
                           timeout=60)
 
@@ -72,3 +77,17 @@ def test_a_full_disk_names_the_real_backup_directory(tmp_path, tools, kind, full
         expected + ": pigz: write error: No space left on device"
     assert "$dir" not in proc.stderr
     assert list((backups / kind).iterdir()) == []  # no partial file left
+
+
+def test_the_file_read_back_must_decompress_to_the_stream_pg_restore_read(tmp_path, tools):
+    backups = tmp_path / "backups"
+    s = load_settings(invoke_section={"backup": {"dir": str(backups)}}, environ={}, files=[])
+    good = run(pg_backup_script(s), tools, "")
+    assert good.returncode == 0, good.stderr
+    assert "raw_sha256=" in good.stdout and "file=postgres-" in good.stdout
+    bad = run(pg_backup_script(s), tools, "", corrupt="DUMP")
+    assert bad.returncode == 1
+    assert failure_line(bad.stderr, bad.stdout) == (
+        f"the archive read back from {backups / 'postgres'} does not decompress to the dump "
+        "pg_restore read (disk or compressor error)")
+    assert not [p for p in (backups / "postgres").iterdir() if p.name.endswith(".partial")]

@@ -42,7 +42,7 @@ BUCKET = "maicivy-offsite"
 @pytest.fixture(scope="module")
 def fresh(ssh_host, tmp_path_factory):
     """The stack as on a fresh server: an empty database, an empty Redis."""
-    r = BackupRig(ssh_host, tmp_path_factory.mktemp("backup"), "maicivybackup",
+    r = BackupRig(ssh_host, tmp_path_factory.mktemp("backup"), f"maicivybackup{os.getpid()}",
                   provision={"log_dir": str(tmp_path_factory.mktemp("log"))})
     try:
         r.up()
@@ -317,16 +317,20 @@ def test_an_interrupted_backup_leaves_nothing_and_no_stale_lock(rig):
 
 def test_check_list_and_the_restore_drill(rig):
     ok(rig.fab("backup.all", "--no-prune"))
+    done = time.time()
     proc = ok(rig.fab("backup.check"))
     assert "ok postgres" in proc.stdout and "ok redis" in proc.stdout
-    stale = rig.fab("backup.check", config=rig.config(backup={"max_age_hours": 0.000001}))
-    assert stale.returncode != 0 and "h old" in stale.stdout
     small = rig.fab("backup.check", config=rig.config(backup={"min_size_bytes": 10**9}))
     assert small.returncode != 0 and "bytes" in errors(small)[0]
 
     drill = ok(rig.fab("backup.verify", "--kind", "all"))
     assert "counts match the manifest" in drill.stdout and "ok redis" in drill.stdout
     assert not [d for d in rig.databases() if d.startswith("maicivy_verify_")]
+
+    # The smallest max_age_hours the settings accept is 0.01 h (36 s).
+    time.sleep(max(0.0, done + 37 - time.time()))
+    stale = rig.fab("backup.check", config=rig.config(backup={"max_age_hours": 0.01}))
+    assert stale.returncode != 0 and "h old" in stale.stdout
 
     m = rig.latest("postgres")
     listing = ok(rig.fab("backup.list"))
@@ -483,3 +487,56 @@ def test_offsite_upload_is_multipart_streamed_and_refuses_a_changed_file(rig, mo
     names = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET).get("Contents", [])]
     assert "changed.bin" not in names
     assert not s3.list_multipart_uploads(Bucket=BUCKET).get("Uploads")
+
+
+def test_a_malicious_s3_manifest_writes_nothing_and_fails_with_one_line(rig, moto):
+    import secrets
+
+    config = s3_config(rig, moto)
+    s3 = moto.client()
+    name = "postgres-20260101T000000Z"
+    target = Path(f"/tmp/pwned-{secrets.token_hex(4)}")
+    evil_file = "/" + "../" * 12 + target.name.join(["tmp/", ""])
+    body = b"* * * * * root touch /tmp/owned\n"
+    sha = __import__("hashlib").sha256(body).hexdigest()
+    manifest = {"name": name, "kind": "postgres", "file": evil_file, "sha256": sha,
+                "size": len(body), "tables": {}, "rows": 0, "database": "postgres; DROP",
+                "globals": {"file": evil_file, "sha256": sha, "size": len(body)},
+                "verification": {"ok": True}, "created_at": "2026-01-01T00:00:00Z"}
+    s3.put_object(Bucket=BUCKET, Key=f"prod/postgres/{name}.json",
+                  Body=json.dumps(manifest).encode())
+    for key in (f"prod/postgres/{name}.dump.gz", f"prod/postgres/{evil_file}"):
+        s3.put_object(Bucket=BUCKET, Key=key, Body=body)
+    before = {p: sha256_file(p) for p in rig.backup_dir.rglob("*") if p.is_file()}
+    counts = rig.counts()
+    proc = rig.fab("restore.postgres", "--backup", f"s3://{BUCKET}/prod/postgres/{name}.dump.gz",
+                   "--yes", config=config)
+    assert proc.returncode != 0
+    assert len(errors(proc)) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "is not trusted" in errors(proc)[0] and "not a file name" in errors(proc)[0]
+    assert not list(target.parent.glob(target.name + "*"))
+    after = {p: sha256_file(p) for p in rig.backup_dir.rglob("*") if p.is_file()
+             if not p.name.startswith(".lock-")}
+    assert after == {p: h for p, h in before.items() if not p.name.startswith(".lock-")}
+    assert rig.counts() == counts
+
+
+def test_an_s3_backup_is_downloaded_only_after_the_confirmation(rig, moto):
+    config = s3_config(rig, moto)
+    ok(rig.fab("backup.postgres", "--no-prune", config=config))
+    m = rig.latest("postgres")
+    local = [p for p in rig.kind_dir("postgres").iterdir() if p.name.startswith(m["name"])]
+    saved = {p: p.read_bytes() for p in local}
+    for p in local:
+        p.unlink()
+    try:
+        proc = rig.fab("restore.postgres", "--backup",
+                       f"s3://{BUCKET}/prod/postgres/{m['file']}", config=config)
+        assert proc.returncode != 0 and "no terminal" in errors(proc)[0]
+        # Refused before a byte was fetched: no file of it, no temporary directory.
+        assert not [p for p in rig.kind_dir("postgres").iterdir()
+                    if p.name.startswith(m["name"])]
+        assert not list(rig.backup_dir.glob(".fetch-*"))
+    finally:
+        for p, data in saved.items():
+            p.write_bytes(data)

@@ -143,9 +143,41 @@ def test_name_of_files_and_partials():
     assert name_of("notes.txt") is None
 
 
-def _manifest(name, file, created="2026-11-25T03:00:00Z", ok=True, size=5000):
-    return json.dumps({"name": name, "file": file, "created_at": created, "size": size,
-                       "sha256": "ab" * 32, "verification": {"ok": ok}}, indent=2)
+def _manifest(name, file, created="2026-11-25T03:00:00Z", ok=True, size=5000, **extra):
+    m = {"name": name, "file": file, "created_at": created, "size": size,
+         "sha256": "ab" * 32, "verification": {"ok": ok}}
+    if name.startswith("postgres-"):
+        m["globals"] = {"file": f"{name}.globals.sql.gz", "size": 10, "sha256": "cd" * 32}
+    return json.dumps({**m, **extra}, indent=2)
+
+
+@pytest.mark.parametrize("change, problem", [
+    ({"file": "/../../../../tmp/pwned"}, "file '/../../../../tmp/pwned' is not a file name"),
+    ({"file": "postgres-20261125T030000Z.dump.gz/../x"}, "is not a file name"),
+    ({"file": "postgres-20261125T030000Z.sh"}, "is not a file name"),
+    ({"file": "postgres-20261126T030000Z.dump.gz"}, "is not a file name"),
+    ({"globals": {"file": "../g.sql.gz", "size": 1, "sha256": "cd" * 32}}, "globals.file"),
+    ({"globals": None}, "globals entry is missing"),
+    ({"sha256": "x; rm -rf /"}, "sha256 of"),
+    ({"size": "12"}, "size of"),
+    ({"name": "postgres-20200101T000000Z"}, "describes"),
+    ({}, None),
+])
+def test_every_name_in_a_manifest_must_be_one_we_write(change, problem):
+    from fabfile.backup_store import check_manifest, manifest_problem
+
+    name = "postgres-20261125T030000Z"
+    m = {**json.loads(_manifest(name, f"{name}.dump.gz")), **change}
+    got = manifest_problem("postgres", name, m)
+    if problem is None:
+        assert got is None
+        return
+    assert problem in got
+    with pytest.raises(OpsError, match="^the manifest s3://b/k is not trusted: .*; nothing"):
+        check_manifest("postgres", name, m, "s3://b/k")
+    listing = parse_listing("\n".join([f"file\tpostgres\t{name}.dump.gz\t5000",
+                                       f"manifest\tpostgres\t{name}.json\t" + json.dumps(m)]))
+    assert not listing["postgres"][0].complete  # not a backup, whatever it says
 
 
 def test_parse_listing_tells_complete_from_incomplete():
@@ -285,11 +317,16 @@ def test_secrets_are_expanded_inside_the_containers_only():
 
 def test_backups_stream_on_the_server_and_are_renamed_only_after_the_check():
     script = pg_backup_script(settings())
-    dump = script.index("exec pg_dump -Fc -Z0")
+    # pg_restore reads the whole dump stream as it is written (rows counted)...
+    dump = script.index("pg_dump -Fc -Z0")
+    assert script.index('pg_restore -f - < "$st/r"') < dump
     fsync = script.index('sync -- "$tmp"')
-    read_back = script.index("exec pg_restore -f -")
+    # ...then the file is read back once from the disk: its sha256 and the sha256 of
+    # what it decompresses to, which must be the stream pg_restore read.
+    read_back = script.index('tee "$work/f" < "$tmp" | "${D[@]}" | sha256sum')
+    compare = script.index("does not decompress to the dump pg_restore read")
     rename = script.index('mv -f -- "$tmp" "$data"')
-    assert dump < fsync < read_back < rename
+    assert dump < fsync < read_back < compare < rename
     assert '> "$tmp"' in script and ".partial" in script
 
 
@@ -359,3 +396,17 @@ def test_expected_etag_matches_s3s_rule():
 def test_bad_backup_settings_are_refused_with_the_key(backup, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
         settings(**backup)
+
+
+@pytest.mark.parametrize("endpoint, ok", [
+    ("", True), ("https://s3.example.com", True), ("http://127.0.0.1:9000", True),
+    ("http://[::1]:9000", True), ("http://localhost:9000", True),
+    ("http://s3.example.com", False), ("http://10.0.0.5:9000", False),
+    ("ftp://127.0.0.1", False), ("s3.example.com", False),
+])
+def test_s3_endpoints_must_be_https_unless_loopback(endpoint, ok):
+    if ok:
+        backup_s3.check_endpoint(endpoint)
+    else:
+        with pytest.raises(OpsError, match="must be an https:// URL"):
+            backup_s3.check_endpoint(endpoint)

@@ -250,3 +250,17 @@ def test_history_table_and_json_entries_from_the_log():
                                 "DETAIL"]
     assert table[1].split()[:6] == ["2026-11-29T10:00:00Z", "rolled-back", "20261129T100000Z",
                                     "alice@laptop", "sha-1", "v2"]
+
+
+def test_deploy_scripts_parse():
+    from fabfile.release import deploy_report_script, diagnose_script, scale_up_cmd
+
+    s = settings()
+    for script in (scale_up_cmd(s, "backend", 2, 20, ["a", "b"]), diagnose_script(s),
+                   'D=/d; T=t\n' + deploy_report_script(s, ["/opt/maicivy/docker/x.yml"])):
+        proc = subprocess.run(["bash", "-n", "-c", script], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr + script
+    # The new container joins nginx's network (edge) only once it is healthy.
+    up = scale_up_cmd(s, "backend", 2, 20)
+    assert "--no-start" in up and "docker network disconnect maicivy_edge" in up
+    assert up.index('"running healthy"|"running none") join;') > up.index("join() {")

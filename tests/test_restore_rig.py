@@ -8,6 +8,7 @@ stack healthy.
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from backup_support import BackupRig, errors, seed_postgres, seed_redis, sha256_file
@@ -19,7 +20,7 @@ TABLES = ("public.accounts", 'public."odd name"', "public.events", "public.empty
 
 @pytest.fixture(scope="module")
 def rig(ssh_host, tmp_path_factory):
-    r = BackupRig(ssh_host, tmp_path_factory.mktemp("restore"), "maicivyrestore")
+    r = BackupRig(ssh_host, tmp_path_factory.mktemp("restore"), f"maicivyrestore{os.getpid()}")
     try:
         r.up()
         seed_postgres(r)
