@@ -43,6 +43,7 @@ SERVICES = (
     "prometheus",
     "grafana",
     "node-exporter",
+    "alertmanager",
 )
 
 APP_IMAGES = ("backend", "frontend")
@@ -140,6 +141,8 @@ PERCENT = number(0.1, 100, "a percentage 0.1-100")
 CRON = text(r"[0-9*/,-]+(?: [0-9*/,A-Za-z-]+){4}",
             "a cron schedule of 5 fields such as '15 3 * * *'")
 SECONDS = integer(1, 86400, "a number of seconds 1-86400")
+VERSION = text(r"[0-9]+\.[0-9]+(?:\.[0-9]+)?", "a version such as '1.27' (quoted in YAML)")
+_EMAIL = r"[A-Za-z0-9._+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+"
 DAYS = integer(1, 3650, "a number of days 1-3650")
 
 SCHEMA: dict[str, Any] = {
@@ -158,12 +161,15 @@ SCHEMA: dict[str, Any] = {
     "images": {
         "postgres": Key("postgres:15-alpine", IMAGE, "PostgreSQL image"),
         "redis": Key("redis:7-alpine", IMAGE, "Redis image"),
-        "backend": Key("maicivy/backend:latest", IMAGE, "backend image (registry prefixed)"),
-        "frontend": Key("maicivy/frontend:latest", IMAGE, "frontend image (registry prefixed)"),
+        # Pinned, never :latest (checked in _validate_alerting): a deploy says
+        # which release it runs.
+        "backend": Key("maicivy/backend:1.0.0", IMAGE, "backend image (registry prefixed)"),
+        "frontend": Key("maicivy/frontend:1.0.0", IMAGE, "frontend image (registry prefixed)"),
         "nginx": Key("nginx:1.27-alpine", IMAGE, "nginx image"),
         "prometheus": Key("prom/prometheus:v2.53.0", IMAGE, "Prometheus image"),
         "grafana": Key("grafana/grafana:11.1.0", IMAGE, "Grafana image"),
         "node_exporter": Key("prom/node-exporter:v1.8.1", IMAGE, "node-exporter image"),
+        "alertmanager": Key("prom/alertmanager:v0.27.0", IMAGE, "Alertmanager image"),
     },
     # Ports inside the containers, and what nginx publishes on the host.
     "ports": {
@@ -174,17 +180,25 @@ SCHEMA: dict[str, Any] = {
         "node_exporter": Key(9100, PORT, "node-exporter port inside its container"),
         "postgres": Key(5432, PORT, "PostgreSQL port inside its container"),
         "redis": Key(6379, PORT, "Redis port inside its container"),
+        "alertmanager": Key(9093, PORT, "Alertmanager port inside its container"),
     },
     "publish": {
         "bind": Key("0.0.0.0", text(r"[0-9a-fA-F.:]+", "an IP address to publish nginx on "
                                      "(0.0.0.0 for all)"), "host address nginx listens on"),
         "http": Key(80, PORT, "host port of plain HTTP"),
         "https": Key(443, PORT, "host port of HTTPS"),
+        "bind6": Key("::", text(r"[0-9a-fA-F]*:[0-9a-fA-F:]*", "empty or an IPv6 address "
+                                "such as :: (all)", empty=True),
+                     "IPv6 host address nginx also listens on; empty: IPv4 only"),
     },
     "rate_limit": {
         "per_minute": Key(100, integer(1, 600000, "an integer > 0"),
                           "nginx requests per minute per client (429 above)"),
         "burst": Key(20, integer(0, 100000, "an integer >= 0"), "burst above the rate"),
+        "grafana_per_minute": Key(300, integer(1, 600000, "an integer > 0"),
+                                  "Grafana's own zone (its /public/ files are not limited)"),
+        "grafana_burst": Key(50, integer(0, 100000, "an integer >= 0"),
+                             "burst above Grafana's rate"),
     },
     "nginx": {
         "csp": Key("", text(r"[A-Za-z0-9 ;:/.*'_+=@,-]*", "a Content-Security-Policy of "
@@ -193,6 +207,10 @@ SCHEMA: dict[str, Any] = {
         "hsts_max_age": Key(63072000, integer(0, 10**9, "a number of seconds"),
                             "Strict-Transport-Security max-age"),
         "client_max_body_size": Key("10m", SIZE, "largest request body nginx accepts"),
+        # The TLS and HTTP/2 directives are chosen for these (http2 on; needs
+        # nginx >= 1.25.1, X25519MLKEM768 OpenSSL >= 3.5).
+        "version": Key("1.27", VERSION, "nginx version of images.nginx"),
+        "openssl_version": Key("3.3", VERSION, "OpenSSL version of images.nginx"),
     },
     "healthcheck": {
         "interval": Key("10s", DURATION, "Docker health check interval of every service"),
@@ -295,6 +313,7 @@ SCHEMA: dict[str, Any] = {
             ("postgres", 1.0, "1g"), ("redis", 0.5, "512m"), ("backend", 1.0, "512m"),
             ("frontend", 1.0, "512m"), ("nginx", 0.5, "256m"), ("prometheus", 0.5, "512m"),
             ("grafana", 0.5, "512m"), ("node_exporter", 0.25, "128m"),
+            ("alertmanager", 0.25, "128m"),
         )
     },
     "redis": {
@@ -340,6 +359,51 @@ SCHEMA: dict[str, Any] = {
             "redis_backup": Key("45 3 * * *", CRON, "schedule of backup.redis"),
             "ssl_renew": Key("30 4 * * *", CRON, "schedule of ssl.renew"),
             "restore_drill": Key("0 5 * * 0", CRON, "schedule of backup.verify"),
+        },
+    },
+    # --- alerting (issue 12; cross-key rules in _validate_alerting) -----------
+    **{
+        "node_exporter": {
+            "rootfs_propagation": Key("rslave", one_of("rslave", ""),
+                                      "propagation of the host / mounted into node-exporter "
+                                      "('' where / is a private mount)"),
+        },
+        # Who gets the alerts. Secrets are never settings: ALERT_SMTP_PASSWORD,
+        # ALERT_WEBHOOK_URL and ALERT_HEARTBEAT_URL live in the server's .env.
+        "alertmanager": {
+            "group_wait": Key("30s", DURATION, "wait before the first notification of a group"),
+            "group_interval": Key("5m", DURATION, "wait before notifying a group's changes"),
+            "repeat_interval": Key("4h", DURATION, "resend a still-firing alert after this"),
+            "send_resolved": Key(True, BOOL, "notify when an alert resolves"),
+            "email": {
+                "to": Key("", text(rf"{_EMAIL}(?:,{_EMAIL})*", "empty or e-mail addresses, "
+                                   "comma-separated", empty=True),
+                          "e-mail receiver: recipients (empty: no e-mail)"),
+                "from": Key("", text(_EMAIL, "empty or the sender's e-mail address",
+                                     empty=True), "sender address of the alert e-mails"),
+                "smarthost": Key("", text(r"[A-Za-z0-9.-]+:[0-9]{1,5}", "empty or the SMTP "
+                                          "server as host:port such as smtp.example.com:587",
+                                          empty=True), "SMTP server (STARTTLS)"),
+                "username": Key("", text(r"[A-Za-z0-9._@+-]+", "empty or an SMTP user name "
+                                         "(letters, digits, ._@+-)", empty=True),
+                                "SMTP AUTH user; password: ALERT_SMTP_PASSWORD in .env"),
+                "require_tls": Key(True, BOOL, "refuse an SMTP server without STARTTLS"),
+            },
+            "webhook": Key("", one_of("", "webhook", "slack"),
+                           "webhook receiver, URL in .env ALERT_WEBHOOK_URL: 'webhook' "
+                           "(Alertmanager JSON: ntfy, any endpoint), 'slack' (Slack, "
+                           "Mattermost, Discord's /slack URL) or '' (none)"),
+            "heartbeat": Key(False, BOOL, "dead man's switch: ping ALERT_HEARTBEAT_URL "
+                             "(healthchecks.io-style) with the always-firing Watchdog"),
+            "heartbeat_interval": Key("5m", DURATION, "how often the heartbeat pings"),
+            "ca_file": Key("", PATH_OR_EMPTY, "CA bundle on the server trusted for SMTP and "
+                           "webhook TLS; empty: the system CAs"),
+            "runbook_url": Key("https://github.com/maicivy/maicivy-ops/blob/main/docs/"
+                               "OPERATIONS.md",
+                               text(r"https?://[A-Za-z0-9.-]+(?::[0-9]{1,5})?"
+                                    r"(?:/[A-Za-z0-9._~/-]*)?", "an http(s) URL of "
+                                    "docs/OPERATIONS.md (no query or fragment)"),
+                               "runbook link of every alert (+ #runbook-<alert>)"),
         },
     },
     "sudo": Key(False, BOOL, "run privileged commands with sudo -n (non-root SSH user)"),
@@ -548,3 +612,25 @@ def validate(data: Mapping) -> None:
     if data["health"]["disk_warn_percent"] > data["health"]["disk_critical_percent"]:
         _fail("health.disk_warn_percent", "at most maicivy.health.disk_critical_percent",
               data["health"]["disk_warn_percent"])
+    _validate_alerting(data)
+
+
+# --- alerting (issue 12) ----------------------------------------------------------
+
+
+def _validate_alerting(data: Mapping) -> None:
+    """App images pinned; an e-mail receiver has its sender and SMTP server."""
+    for name in APP_IMAGES:
+        ref = data["images"][name]
+        tag = "digest" if "@" in ref else ref.rsplit("/", 1)[-1].partition(":")[2]
+        if tag in ("", "latest"):
+            _fail(f"images.{name}", "pinned to a release tag such as name:1.4.2 (not :latest)",
+                  ref)
+    email = data["alertmanager"]["email"]
+    if email["to"]:
+        for key, what in (("from", "the sender's e-mail address"),
+                          ("smarthost", "the SMTP server as host:port such as "
+                                        "smtp.example.com:587")):
+            if not email[key]:
+                _fail(f"alertmanager.email.{key}", f"{what} (needed with "
+                      "maicivy.alertmanager.email.to)", email[key])

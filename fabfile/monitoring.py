@@ -12,12 +12,24 @@ reloaded (its admin API, credentials read from the Grafana container's own
 environment inside the container and given to curl on stdin, never on a
 command line). If the reload fails the previous files are put back.
 
+Alertmanager's files (``monitoring/alertmanager/``) are checked the same way
+with the amtool of the stack's Alertmanager image, then reloaded (the
+container's entrypoint fills in the secrets again and sends SIGHUP; the reload
+is read back from ``alertmanager_config_last_reload_successful``).
+
 ``monitoring.status`` asks Prometheus for its scrape targets and alerts.
+
+``monitoring.test-alert`` writes a metric into node-exporter's textfile
+directory; Prometheus scrapes it and fires ``MaicivyTestAlert``; Alertmanager
+routes it to every configured receiver under the name ``test-<receiver>``; the
+task reads Alertmanager's log until each of those says ``Notify success``, and
+names the ones that failed (with Alertmanager's error) or never answered.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import shlex
 from dataclasses import dataclass
@@ -34,6 +46,7 @@ from .stack import compose, remote_files
 
 PROM_DIR = "monitoring/prometheus"
 GRAFANA_DIR = "monitoring/grafana"
+AM_DIR = "monitoring/alertmanager"
 
 
 # --- pure builders ------------------------------------------------------------
@@ -68,6 +81,26 @@ def promtool_command(settings: Settings, staging: str) -> str:
         "check", "config", "/candidate/prometheus.yml",
     ]
     return " ".join(shlex.quote(a) for a in argv)
+
+
+def amtool_command(settings: Settings, staging: str) -> str:
+    """amtool of the stack's Alertmanager image on the staged file (no network)."""
+    argv = [
+        "docker", "run", "--rm", "--network", "none", "--entrypoint", "amtool",
+        "-v", f"{staging}/{AM_DIR}:/candidate:ro",
+        settings.image("alertmanager"),
+        "check-config", "/candidate/alertmanager.yml",
+    ]
+    return " ".join(shlex.quote(a) for a in argv)
+
+
+def alertmanager_reload_command(settings: Settings) -> str:
+    """Fill in the secrets again, SIGHUP, and prove the new configuration loaded."""
+    port = int(settings.ports.alertmanager)
+    script = ("sh /etc/alertmanager/entrypoint.sh reload && sleep 1 && "
+              f"wget -q -O - http://127.0.0.1:{port}/metrics "
+              "| grep -qx 'alertmanager_config_last_reload_successful 1'")
+    return compose(settings, "exec", "-T", "alertmanager", "sh", "-c", script)
 
 
 def promtool_reason(output: str) -> str:
@@ -184,6 +217,16 @@ def parse_status(output: str) -> tuple[list[Target], list[Alert]]:
     return targets, alerts
 
 
+# Firing by design, not a problem: the dead man's switch (Watchdog) and
+# monitoring.test-alert's MaicivyTestAlert.
+INFORMATIONAL_SEVERITIES = ("none", "test")
+
+
+def problem(alert: Alert) -> bool:
+    """A firing alert that is a problem (not Watchdog nor a test alert)."""
+    return alert.state == "firing" and alert.severity not in INFORMATIONAL_SEVERITIES
+
+
 def format_status(targets: list[Target], alerts: list[Alert]) -> list[str]:
     lines = ["Scrape targets:"]
     rows = [("JOB", "INSTANCE", "HEALTH", "LAST SCRAPE (UTC)", "LAST ERROR")]
@@ -213,6 +256,7 @@ class PushResult:
     changed: list[str]
     prometheus_reloaded: bool = False
     grafana_reloaded: bool = False
+    alertmanager_reloaded: bool = False
 
 
 def push_files(host: Host, settings: Settings, files: dict[str, bytes],
@@ -230,6 +274,7 @@ def push_files(host: Host, settings: Settings, files: dict[str, bytes],
     changed = sorted(rel for rel, data in files.items()
                      if digests.get(f"{root}/{rel}") != sha256(data))
     prom_changed = force or any(rel.startswith(PROM_DIR + "/") for rel in changed)
+    am_changed = force or any(rel.startswith(AM_DIR + "/") for rel in changed)
     grafana_changed = force or any(rel.startswith(GRAFANA_DIR + "/") for rel in changed)
     result = PushResult(changed)
     if not changed and not force:
@@ -246,6 +291,12 @@ def push_files(host: Host, settings: Settings, files: dict[str, bytes],
             raise OpsError(f"promtool rejects the new Prometheus configuration: "
                            f"{promtool_reason(r.stdout + r.stderr)}; nothing was changed "
                            "on the server")
+        if am_changed:
+            r = host.run(amtool_command(settings, staging), sudo=True, warn=True, timeout=180)
+            if r.failed:
+                raise OpsError(f"amtool rejects the new Alertmanager configuration: "
+                               f"{promtool_reason(r.stdout + r.stderr)}; nothing was "
+                               "changed on the server")
         if host.dry_run:
             return result
         host.run(f"bash -c {shlex.quote(install_script(settings, staging, changed))}", sudo=True)
@@ -257,6 +308,13 @@ def push_files(host: Host, settings: Settings, files: dict[str, bytes],
                     raise OpsError(f"Prometheus refused to reload: "
                                    f"{(r.stderr or r.stdout).strip()[-300:] or 'no answer'}")
                 result.prometheus_reloaded = True
+            if am_changed:
+                r = host.run(alertmanager_reload_command(settings), sudo=True, warn=True,
+                             timeout=60)
+                if r.failed:
+                    raise OpsError("Alertmanager did not load the new configuration"
+                                   + (f": {r.stderr.strip()[-300:]}" if r.stderr.strip() else ""))
+                result.alertmanager_reloaded = True
             if grafana_changed:
                 r = host.run(grafana_reload_command(settings), sudo=True, warn=True, timeout=90)
                 if r.failed:
@@ -269,6 +327,9 @@ def push_files(host: Host, settings: Settings, files: dict[str, bytes],
                      sudo=True, warn=True)
             if prom_changed:
                 host.run(prometheus_reload_command(settings), sudo=True, warn=True, timeout=60)
+            if am_changed:
+                host.run(alertmanager_reload_command(settings), sudo=True, warn=True,
+                         timeout=60)
             raise OpsError(f"{exc}; the previous monitoring files were put back") from None
         return result
     finally:
@@ -282,6 +343,155 @@ def read_status(host: Host, settings: Settings) -> tuple[list[Target], list[Aler
         raise OpsError(f"cannot query Prometheus on {host.name}: "
                        f"{detail[-1] if detail else 'no output'}; is the stack running?")
     return parse_status(r.stdout)
+
+
+# --- test alert ------------------------------------------------------------------
+
+TEST_METRIC = "maicivy_test_alert_timestamp_seconds"
+
+
+def receivers(settings: Settings) -> list[str]:
+    """The receivers the alertmanager settings configure (heartbeat aside)."""
+    am = settings.alertmanager
+    return (["email"] if am.email.to else []) + (["webhook"] if am.webhook else [])
+
+
+def test_alert_file(settings: Settings) -> str:
+    return f"{settings.backup.textfile_dir.rstrip('/')}/maicivy_test_alert.prom"
+
+
+def test_alert_metric(test_id: str, now: int) -> str:
+    """The textfile that makes Prometheus fire MaicivyTestAlert for 5 minutes."""
+    return (f"# HELP {TEST_METRIC} Unix time monitoring.test-alert asked for a test alert.\n"
+            f"# TYPE {TEST_METRIC} gauge\n"
+            f'{TEST_METRIC}{{test_id="{test_id}"}} {int(now)}\n')
+
+
+def test_alert_probe(settings: Settings, since: int) -> str:
+    """One round trip: Prometheus' alerts, then Alertmanager's log since ``since``."""
+    prom = compose(settings, "exec", "-T", "prometheus", "wget", "-q", "-O", "-",
+                   f"http://127.0.0.1:{settings.ports.prometheus}/api/v1/alerts")
+    logs = compose(settings, "logs", "--no-color", "--since", str(int(since)), "alertmanager")
+    return f"{prom}; echo; echo @@logs; {logs} 2>&1"
+
+
+@dataclass
+class Delivery:
+    receiver: str
+    delivered: bool = False
+    failures: int = 0
+    error: str = ""
+
+
+_RECEIVER_RE = re.compile(r'(?:receiver=|err=)"?test-([a-z]+)\b')
+_ERR_RE = re.compile(r'\berr="((?:[^"\\]|\\.)*)"|\berr=(\S+)')
+
+
+def parse_deliveries(logs: str, names: list[str]) -> dict[str, Delivery]:
+    """What Alertmanager's (debug) log says about each ``test-<receiver>``."""
+    out = {name: Delivery(name) for name in names}
+    for line in logs.splitlines():
+        m = _RECEIVER_RE.search(line)
+        if not m or m.group(1) not in out:
+            continue
+        d = out[m.group(1)]
+        if "Notify success" in line:
+            d.delivered = True
+        elif "failed" in line.lower():
+            d.failures += 1
+            e = _ERR_RE.search(line)
+            if e:
+                d.error = (e.group(1) or e.group(2)).replace('\\"', '"')
+    return out
+
+
+def test_alert_fired(prom_json: str, test_id: str) -> str:
+    """``firing``, ``pending`` or ``""`` for our test alert in Prometheus' /api/v1/alerts."""
+    try:
+        alerts = json.loads(prom_json)["data"]["alerts"]
+    except (ValueError, KeyError, TypeError):
+        return ""
+    for a in alerts:
+        labels = a.get("labels", {})
+        if labels.get("alertname") == "MaicivyTestAlert" and labels.get("test_id") == test_id:
+            return a.get("state", "")
+    return ""
+
+
+def wait_for_deliveries(host: Host, settings: Settings, test_id: str, since: int,
+                        timeout: float, poll: float = 2.0, say=print) -> dict[str, Delivery]:
+    """Poll until every receiver delivered, or failed 3 times, or ``timeout``."""
+    import time
+
+    names = receivers(settings)
+    deadline = time.monotonic() + timeout
+    fired = ""
+    while True:
+        r = host.check(test_alert_probe(settings, since), sudo=True, timeout=60)
+        prom, _, logs = r.stdout.partition("@@logs")
+        state = test_alert_fired(prom, test_id)
+        if state == "firing" and fired != "firing":
+            say("Prometheus: MaicivyTestAlert is firing; waiting for the receivers")
+        fired = state or fired
+        deliveries = parse_deliveries(logs, names)
+        if all(d.delivered or d.failures >= 3 for d in deliveries.values()):
+            return deliveries
+        if time.monotonic() > deadline:
+            if fired != "firing":
+                raise OpsError(f"Prometheus did not fire the test alert within {timeout:g} s "
+                               "(is node-exporter reading backup.textfile_dir? see "
+                               "monitoring.status)")
+            return deliveries
+        time.sleep(poll)
+
+
+@ops_task(name="test-alert", help={
+    "timeout": "seconds to wait for every receiver (default 120)",
+})
+def test_alert(c, timeout=120):
+    """Send a test alert through Prometheus and Alertmanager to every receiver.
+
+    Writes a metric into node-exporter's textfile directory; Prometheus
+    fires MaicivyTestAlert (severity "test") and Alertmanager sends it to each
+    configured receiver (alertmanager.email, alertmanager.webhook). Waits until
+    every receiver accepted it (Alertmanager's own log says so) and exits 1
+    naming each receiver that failed, with Alertmanager's error, or that did
+    not answer within TIMEOUT seconds. The alert resolves by itself (a
+    "resolved" notification follows when send_resolved is on).
+    """
+    settings = settings_for(c)
+    host = host_for(c, settings)
+    names = receivers(settings)
+    if not names:
+        raise OpsError("no receiver is configured: set maicivy.alertmanager.email.to and/or "
+                       "maicivy.alertmanager.webhook (docs/OPERATIONS.md, Monitoring and "
+                       "alerts), deploy, then try again")
+    test_id = secrets.token_hex(4)
+    r = host.check("date +%s")
+    if r.failed or not r.stdout.strip().isdigit():
+        raise OpsError(f"cannot read the time on {host.name}")
+    now = int(r.stdout.strip())
+    host.run(f"mkdir -p {shlex.quote(settings.backup.textfile_dir)}", sudo=True)
+    path = test_alert_file(settings)
+    host.write_file(path, test_alert_metric(test_id, now), mode=0o644, sudo=True)
+    print(f"test alert {test_id}: asked Prometheus through {path}")
+    try:
+        deliveries = wait_for_deliveries(host, settings, test_id, now - 1, float(timeout))
+    finally:
+        host.run(f"rm -f {shlex.quote(path)}", sudo=True, warn=True)
+    failed = []
+    for name in names:
+        d = deliveries[name]
+        if d.delivered:
+            print(f"  {name}: accepted the test alert")
+        else:
+            why = (f"{d.failures} failed attempt(s): {d.error}" if d.failures
+                   else f"no answer within {timeout} s")
+            print(f"  {name}: FAILED ({why})")
+            failed.append(f"{name} ({why})")
+    if failed:
+        raise OpsError("receiver(s) did not accept the test alert: " + "; ".join(failed))
+    print(f"every receiver accepted test alert {test_id}: {', '.join(names)}")
 
 
 # --- tasks ----------------------------------------------------------------------
@@ -313,6 +523,7 @@ def push(c, force=False, dry_run=False):
     if dry_run:
         return
     done = [name for name, ok in (("Prometheus", result.prometheus_reloaded),
+                                  ("Alertmanager", result.alertmanager_reloaded),
                                   ("Grafana provisioning", result.grafana_reloaded)) if ok]
     print("promtool: configuration valid; reloaded " + (" and ".join(done) or "nothing"))
 
@@ -321,7 +532,8 @@ def push(c, force=False, dry_run=False):
 def status(c, json_=False):
     """Show Prometheus' scrape targets (up/down, last error) and its alerts.
 
-    Exits 1 when a target is down or an alert is firing, 0 otherwise.
+    Exits 1 when a target is down or an alert is firing, 0 otherwise. The
+    always-firing Watchdog (dead man's switch) and test alerts do not count.
     """
     settings = settings_for(c)
     host = host_for(c, settings)
@@ -333,5 +545,5 @@ def status(c, json_=False):
                           "alerts": [asdict(a) for a in alerts]}, indent=2))
     else:
         print("\n".join(format_status(targets, alerts)))
-    if any(t.health != "up" for t in targets) or any(a.state == "firing" for a in alerts):
+    if any(t.health != "up" for t in targets) or any(problem(a) for a in alerts):
         raise Exit(code=1)

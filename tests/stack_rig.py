@@ -51,7 +51,12 @@ def rig_settings(tmp: Path, name: str, **extra) -> dict:
         "backup": {"dir": str(tmp / "backups"), "textfile_dir": str(tmp / "textfile")},
         "tls": {"webroot": str(tmp / "webroot")},
         "rate_limit": {"per_minute": 6000, "burst": 200},
+        # The rig's nginx stand-in is Debian 12's (nginx 1.22, OpenSSL 3.0).
+        "nginx": {"version": "1.22", "openssl_version": "3.0"},
+        # The rig machine's / is a private mount: no rslave propagation.
+        "node_exporter": {"rootfs_propagation": ""},
     }
+    overrides["publish"]["bind6"] = "::1"
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(overrides.get(key), dict):
             overrides[key] = {**overrides[key], **value}

@@ -48,7 +48,7 @@ def test_status_is_parsed_per_service_best_container_first():
     text = app.format_status(st)
     assert "exited (137)" in text and "maintenance: ON" in text
     assert text.splitlines()[-1] == "vps: NOT healthy: postgres, redis, frontend, prometheus, " \
-        "grafana, node-exporter"
+        "grafana, node-exporter, alertmanager"
 
 
 def test_human_durations():

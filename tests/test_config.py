@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -29,7 +30,9 @@ def test_defaults_are_the_production_values():
     assert s.prometheus.scrape_interval == "15s"
     assert s.prometheus.retention == "15d"
     assert set(s.images) == {"postgres", "redis", "backend", "frontend", "nginx",
-                             "prometheus", "grafana", "node_exporter"}
+                             "prometheus", "grafana", "node_exporter", "alertmanager"}
+    assert not s.images.backend.endswith(":latest")
+    assert not s.images.frontend.endswith(":latest")
 
 
 def test_registry_prefixes_the_app_images_only():
@@ -144,3 +147,26 @@ def test_example_config_file_is_valid():
     s = settings(files=[ROOT / "maicivy.example.yaml"])
     assert s.domain == "maicivy.example.org"
     assert s.grafana_domain == "grafana.maicivy.example.org"
+
+
+# --- alerting settings (i12) -----------------------------------------------------
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"images": {"backend": "maicivy/backend:latest"}},
+     "maicivy.images.backend must be pinned to a release tag"),
+    ({"images": {"frontend": "ghcr.io/acme/frontend"}},
+     "maicivy.images.frontend must be pinned to a release tag"),
+    ({"alertmanager": {"webhook": "discord"}}, "maicivy.alertmanager.webhook must be"),
+    ({"alertmanager": {"email": {"to": "ops@example.com"}}},
+     "maicivy.alertmanager.email.from must be the sender's e-mail address"),
+    ({"alertmanager": {"email": {"to": "ops@example.com", "from": "am@example.com",
+                                 "smarthost": "smtp.example.com"}}},
+     "maicivy.alertmanager.email.smarthost must be empty or the SMTP server as host:port"),
+    ({"alertmanager": {"repeat_interval": "4 hours"}}, "maicivy.alertmanager.repeat_interval"),
+    ({"nginx": {"version": "latest"}}, "maicivy.nginx.version must be a version"),
+    ({"publish": {"bind6": "0.0.0.0"}}, "maicivy.publish.bind6 must be empty or an IPv6"),
+])
+def test_alerting_settings_are_checked(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        settings(invoke_section=override)

@@ -43,6 +43,8 @@ EXAMPLES = {
     "backup.s3.bucket": "acme-backups",
     "backup.s3.endpoint": "https://s3.example.org",
     "provision.pip_options": "--no-index",
+    "alertmanager.email.username": "alerts",
+    "alertmanager.ca_file": "/etc/ssl/alerting-ca.pem",
 }
 
 

@@ -30,6 +30,8 @@ def test_the_monitoring_tree_is_prometheus_and_grafana_files_only():
         "monitoring/grafana/provisioning/datasources/prometheus.yml",
         "monitoring/grafana/provisioning/dashboards/dashboard.yml",
         "monitoring/grafana/dashboards/maicivy_overview.json",
+        "monitoring/alertmanager/alertmanager.yml",
+        "monitoring/alertmanager/entrypoint.sh",
     }
     monitoring.lint(files)
 

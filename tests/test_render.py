@@ -20,8 +20,8 @@ from fabfile import render as r
 from fabfile.config import load_settings
 
 HERE = Path(__file__).resolve().parent
-SERVICES = ["backend", "frontend", "grafana", "nginx", "node-exporter", "postgres",
-            "prometheus", "redis"]
+SERVICES = ["alertmanager", "backend", "frontend", "grafana", "nginx", "node-exporter",
+            "postgres", "prometheus", "redis"]
 
 
 def settings(**overrides):
@@ -64,6 +64,8 @@ def test_every_production_file_is_rendered(tree):
         "monitoring/grafana/provisioning/datasources/prometheus.yml",
         "monitoring/grafana/provisioning/dashboards/dashboard.yml",
         "monitoring/grafana/dashboards/maicivy_overview.json",
+        "monitoring/alertmanager/alertmanager.yml",
+        "monitoring/alertmanager/entrypoint.sh",
         "systemd/maicivy.service",
     }
 
@@ -85,10 +87,10 @@ def test_nginx_conf(tree):
     for name, port in (("backend", 8080), ("frontend", 3000), ("grafana", 3000)):
         assert f"set ${name} {name}:{port};" in conf
         assert f"proxy_pass http://{name};" not in conf
-    assert conf.count("proxy_pass http://$backend;") == 4
+    assert conf.count("proxy_pass http://$backend;") == 5
     assert re.search(r"location /ws/ \{[^}]*Upgrade \$http_upgrade;[^}]*proxy_pass "
                      r"http://\$backend;", conf)
-    assert "return 301 https://$host$request_uri;" in conf
+    assert "return 308 https://$host$request_uri;" in conf
     assert "location /.well-known/acme-challenge/" in conf
     assert "rate=100r/m" in conf and "limit_req_status 429;" in conf
     assert "ssl_protocols TLSv1.2 TLSv1.3;" in conf
@@ -135,7 +137,10 @@ def test_compose_file(tree):
 def test_prometheus_config(tree):
     prom = yaml.safe_load(tree["monitoring/prometheus/prometheus.yml"])
     assert prom["global"]["scrape_interval"] == "15s"
-    assert {j["job_name"] for j in prom["scrape_configs"]} == {"prometheus", "backend", "node"}
+    assert {j["job_name"] for j in prom["scrape_configs"]} == {
+        "prometheus", "backend", "node", "alertmanager"}
+    assert prom["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] == [
+        "alertmanager:9093"]
     assert prom["rule_files"] == ["alerts.yml"]
     compose = tree["docker/docker-compose.prod.yml"].decode()
     assert "--storage.tsdb.retention.time=15d" in compose
@@ -268,9 +273,9 @@ def test_render_task_validates_default_render(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
-    assert sum(line.startswith("wrote ") for line in lines) == 12
+    assert sum(line.startswith("wrote ") for line in lines) == 14
     for name in ("nginx -t", "gixy", "promtool check config", "promtool check rules",
-                 "docker compose config", "systemd-analyze verify"):
+                 "amtool check-config", "docker compose config", "systemd-analyze verify"):
         assert any(line.split() and line.split()[0] == "passed" and name in line
                    for line in lines), (name, proc.stdout)
 
@@ -420,3 +425,32 @@ def test_render_on_a_machine_without_docker_exits_0(tmp_path):
          "verify", str(unit)], capture_output=True, text=True, env=env)
     errors, facts = r.unit_findings(analyze.stdout + analyze.stderr)
     assert errors and facts, analyze.stdout + analyze.stderr
+
+
+# --- version-aware nginx (issue 12) ----------------------------------------------
+
+
+@pytest.mark.parametrize("nginx,openssl,listen,http2_on,curves", [
+    ("1.27", "3.3", "listen 443 ssl;", True, "X25519:prime256v1:secp384r1"),
+    ("1.25.1", "3.5", "listen 443 ssl;", True, "X25519MLKEM768:X25519:prime256v1:secp384r1"),
+    ("1.22", "3.0", "listen 443 ssl http2;", False, "X25519:prime256v1:secp384r1"),
+])
+def test_nginx_conf_follows_the_image_versions(nginx, openssl, listen, http2_on, curves):
+    conf = r.render_tree(settings(nginx={"version": nginx, "openssl_version": openssl}))[
+        r.NGINX_CONF].decode()
+    assert listen in conf and ("http2 on;" in conf) is http2_on
+    assert f"ssl_ecdh_curve {curves};" in conf
+    assert not re.search(r"(?<!EC)DHE-", conf) and "ssl_dhparam" not in conf
+
+
+def test_for_older_nginx_changes_only_the_version_directives():
+    new = r.render_tree(settings(nginx={"version": "1.27", "openssl_version": "3.5"}))[
+        r.NGINX_CONF].decode()
+    old = r.render_tree(settings(nginx={"version": "1.22", "openssl_version": "3.0"}))[
+        r.NGINX_CONF].decode()
+    adapted = r.for_older_nginx(new, "1.22.1", "3.0.19")
+    strip = re.compile(r"^# Rendered.*\n|^\s*# TLS: Mozilla.*\n|^\s*# OpenSSL.*\n"
+                       r"|^\s*return 200 \"[0-9a-f]+\\n\";\n", re.M)  # (config-id: a digest)
+    assert strip.sub("", adapted) == strip.sub("", old).replace(
+        "listen 443 ssl default_server;", "listen 443 ssl http2 default_server;").replace(
+        "listen [::]:443 ssl default_server;", "listen [::]:443 ssl http2 default_server;")

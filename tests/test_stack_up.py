@@ -13,7 +13,7 @@ from stack_rig import StackRig
 pytestmark = pytest.mark.rig
 
 SERVICES = {"postgres", "redis", "backend", "frontend", "nginx", "prometheus", "grafana",
-            "node-exporter"}
+            "node-exporter", "alertmanager"}
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def stack(ssh_host, tmp_path_factory):
         rig.down()
 
 
-def test_all_eight_services_come_up_healthy_over_ssh(stack):
+def test_all_nine_services_come_up_healthy_over_ssh(stack):
     stack.prepare()
     stack.run(stack.compose("pull", "--quiet"), timeout=600)
     stack.up()

@@ -20,6 +20,7 @@ TEST_IMAGES: dict[str, str] = {
     "prometheus": f"{_PREFIX}/prometheus:test",
     "grafana": f"{_PREFIX}/grafana:test",
     "node_exporter": f"{_PREFIX}/node-exporter:test",
+    "alertmanager": f"{_PREFIX}/alertmanager:test",
 }
 
 # Other builds of the stand-ins, for deploy / rollback tests.

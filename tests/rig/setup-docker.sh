@@ -48,6 +48,7 @@ redis           test    redis          base     -
 nginx           test    nginx          base     -
 prometheus      test    prometheus     base     -
 node-exporter   test    node-exporter  base     -
+alertmanager    test    alertmanager   base     -
 backend         v1      backend        pybase   VERSION=v1
 backend         broken  backend-broken backend  VERSION=broken
 backend         v2      backend        pybase   VERSION=v2
