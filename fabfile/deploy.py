@@ -39,6 +39,7 @@ from .release import (
     ROLLING,
     Diagnosis,
     Plan,
+    Proof,
     ServerState,
     attempt_dir,
     deploy_report_script,
@@ -49,12 +50,15 @@ from .release import (
     image_refs,
     log_append,
     log_line,
+    mounted_files,
     parse_diagnoses,
     parse_images,
     parse_plan,
     parse_state,
     plan_script,
     probe_script,
+    proof_failures,
+    proof_lines,
     record_script,
     relative,
     reload_cmd,
@@ -68,7 +72,8 @@ from .release import (
     swap_cmd,
     up_cmd,
 )
-from .stack import remote_files
+from .render import COMPOSE_FILE, NGINX_CONF, embedded_config_id
+from .stack import ensure_certificates, remote_files
 
 
 class DeployFailed(OpsError):
@@ -236,24 +241,55 @@ def reload_changed(host: Host, settings: Settings, changed_rel, touched) -> None
             raise DeployFailed(f"reloading {service} failed: {last_lines(r.stderr, r.stdout)}")
 
 
-def health_gate(host: Host, settings: Settings, attempts: int = 5) -> list[str]:
-    """[] when every service is healthy and the health URLs answer through nginx."""
+def health_gate(host: Host, settings: Settings, attempts: int = 5,
+                proof: Proof | None = None) -> list[str]:
+    """[] when every service is healthy and the health URLs answer through nginx.
+
+    With ``proof``, also when every service runs the files it should: the
+    bytes its container sees and the configuration it loaded (see
+    :func:`~fabfile.release.proof_failures`).
+    """
     with step("health gate") as s:
-        problems = _health_gate(host, settings, attempts)
+        problems = _health_gate(host, settings, attempts, proof)
         s.failed = bool(problems)
     return problems
 
 
-def _health_gate(host: Host, settings: Settings, attempts: int) -> list[str]:
+def _health_gate(host: Host, settings: Settings, attempts: int,
+                 proof: Proof | None) -> list[str]:
     problems: list[str] = []
+    script = gate_script(settings)
+    if proof is not None:
+        script += "\n" + "\n".join(proof_lines(settings, proof))
     for i in range(attempts):
-        r = host.check(gate_script(settings), sudo=True, timeout=120)
+        r = host.check(script, sudo=True, timeout=120)
         problems = gate_failures(r.stdout)
+        if proof is not None:
+            problems += proof_failures(r.stdout, proof)
         if not problems:
             return []
         if i + 1 < attempts:
             time.sleep(2)
     return problems
+
+
+def deployed_proof(settings: Settings, files) -> Proof:
+    """What the services must run after deploying ``files`` (absolute path -> bytes)."""
+    root = settings.root.rstrip("/")
+    by_rel = {p[len(root) + 1:]: data for p, data in files.items()}
+    return Proof(mounts=mounted_files(by_rel[COMPOSE_FILE].decode(), by_rel, root),
+                 expected={rel: sha256(data) for rel, data in by_rel.items()},
+                 nginx_config_id=embedded_config_id(by_rel.get(NGINX_CONF, b"")))
+
+
+def restored_proof(host: Host, settings: Settings, managed) -> Proof:
+    """What the services must run after a rollback: the files now on the server."""
+    root = settings.root.rstrip("/")
+    compose_file = host.read_file(f"{root}/{COMPOSE_FILE}", sudo=True).decode()
+    r = host.check(f"cat -- {shlex.quote(f'{root}/{NGINX_CONF}')}", sudo=True)
+    return Proof(mounts=mounted_files(compose_file, relative(settings, managed), root),
+                 expected=None,
+                 nginx_config_id=embedded_config_id(r.stdout.encode()) if r.ok else None)
 
 
 def _plan(host: Host, settings: Settings, refs, pull: bool, http: bool = False):
@@ -266,6 +302,10 @@ def _plan(host: Host, settings: Settings, refs, pull: bool, http: bool = False):
     if r.failed:
         from .host import last_lines
 
+        refused = sections(r.stdout).get("login-failed")
+        if refused:
+            raise OpsError(f"{host.name}: docker login to {refused[0]}; check "
+                           f"REGISTRY_USERNAME and REGISTRY_PASSWORD in {settings.env_file}")
         what = "docker compose pull" if pull else "reading the stack's state"
         raise OpsError(f"{host.name}: {what} failed: {last_lines(r.stderr, r.stdout)}")
     return parse_plan(r.stdout, refs), r.stdout
@@ -286,7 +326,7 @@ def roll_back(host: Host, settings: Settings, tar: str, managed, images, changed
     plan, _ = _plan(host, settings, refs, pull=False)
     touched = converge(host, settings, plan, rolling_back=True)
     reload_changed(host, settings, set(changed) | set(restored), touched)
-    problems = health_gate(host, settings)
+    problems = health_gate(host, settings, proof=restored_proof(host, settings, managed))
     if problems:
         raise OpsError(f"{host.name}: the previous release does not serve either after the "
                        f"rollback: {'; '.join(problems)}")
@@ -372,6 +412,22 @@ def _deploy_locked(host: Host, settings: Settings, files, state: ServerState,
         lock.step("record the images before the deploy")
         host.run(save_images_cmd(settings, state.base, before), sudo=True)
     try:
+        lock.step("stand-in certificates")
+        # nginx cannot start without a certificate: a fresh server gets
+        # self-signed stand-ins until ssl.obtain fetches real ones.
+        made = ensure_certificates(host, settings)
+        if made:
+            host.say(f"self-signed stand-in certificate created for {', '.join(made)} "
+                     "(run ssl.obtain for real ones)")
+    except LockLost:
+        raise
+    except OpsError as exc:
+        if changed:
+            restore(host, settings, snapshot, managed, {})
+        finish("failed", state.current, {}, f"stand-in certificates: {exc}")
+        raise OpsError(f"{host.name}: creating the stand-in certificates failed, nothing "
+                       f"deployed: {exc}") from exc
+    try:
         lock.step("pre-deploy backup")
         _pre_deploy_backup(host, settings, plan)
     except LockLost:
@@ -387,7 +443,7 @@ def _deploy_locked(host: Host, settings: Settings, files, state: ServerState,
     try:
         touched = converge(host, settings, plan)
         reload_changed(host, settings, changed_rel, touched)
-        problems = health_gate(host, settings)
+        problems = health_gate(host, settings, proof=deployed_proof(settings, files))
         if problems:
             say_diagnoses(host, diagnose(host, settings))
             raise DeployFailed("health gate: " + "; ".join(problems))

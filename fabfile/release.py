@@ -244,6 +244,7 @@ def plan_script(settings: Settings, refs: Mapping[str, str], pull: bool,
     if http:
         lines.append("{ " + "\n".join(http_lines(settings)) + "\n} > \"$T/http\" & http=$!")
     if pull:
+        lines += login_lines(settings, [settings.image(s) for s in ROLLING])
         lines.append(compose(settings, "pull", "--quiet"))
     for i, ref in enumerate(sorted(set(refs.values()))):
         q = shlex.quote(ref)
@@ -259,6 +260,45 @@ def plan_script(settings: Settings, refs: Mapping[str, str], pull: bool,
     if http:
         lines.append('cat "$T/http"')
     return "\n".join(lines)
+
+
+def registry_host(ref: str) -> str:
+    """The registry an image reference is pulled from ("" for Docker Hub)."""
+    first, sep, _rest = ref.partition("/")
+    if sep and ("." in first or ":" in first or first == "localhost"):
+        return first
+    return ""
+
+
+def login_lines(settings: Settings, refs: Iterable[str]) -> list[str]:
+    """``docker login`` to the app images' registries when .env has credentials.
+
+    REGISTRY_USERNAME / REGISTRY_PASSWORD are read from the server's .env by the
+    shell; the password reaches docker on its stdin (printf is a builtin: never
+    in a process's argv, never in our output). A refused login prints
+    ``== login-failed REGISTRY: reason`` and stops (exit 3).
+    """
+    hosts = sorted({registry_host(r) for r in refs})
+    env = shlex.quote(settings.env_file)
+    unquote = 'case "$1" in \\"*\\"|\\\'*\\\') v=${1#?}; v=${v%?};; *) v=$1;; esac'
+    lines = [
+        f"_env() {{ sed -n \"s/^$1=//p\" {env} 2>/dev/null | tail -n 1; }}",
+        f"_unq() {{ {unquote}; printf '%s' \"$v\"; }}",
+        'RU=$(_unq "$(_env REGISTRY_USERNAME)"); RP=$(_unq "$(_env REGISTRY_PASSWORD)")',
+        'if [ -n "$RU" ] && [ -n "$RP" ]; then',
+    ]
+    for h in hosts:
+        where = shlex.quote(h) if h else ""
+        label = shlex.quote(h or "docker.io")
+        lines += [
+            f"  if ! printf '%s' \"$RP\" | docker login --username \"$RU\" --password-stdin "
+            f"{where} >/dev/null 2>\"$T/login\"; then",
+            f"    echo \"== login-failed {label}: $(grep -v '^WARNING' \"$T/login\" | tail -n 1)\"",
+            "    exit 3",
+            "  fi",
+        ]
+    lines += ["fi", "unset RP"]
+    return lines
 
 
 @dataclass
@@ -562,13 +602,14 @@ def nginx_reload_cmd(settings: Settings) -> str:
 def swap_cmd(settings: Settings, old: Iterable[Container], grace: int = 30) -> str:
     """Let nginx see the new container, retire the old ones, then reload again.
 
-    nginx resolves ``backend`` at reload: first to old + new, so that requests
-    keep flowing while the old container drains and stops (it refuses new
+    nginx asks Docker's DNS for ``backend`` at request time (cached 5 s); a
+    reload empties that cache: first it sees old + new, so that requests keep
+    flowing while the old container drains and stops (it refuses new
     connections at once and nginx retries the other replica:
-    ``proxy_next_upstream``); as soon as it has stopped, to the new one only
+    ``proxy_next_upstream``); as soon as it has stopped, the new one only
     (the old address would no longer answer at all). Old containers that are
     not healthy (a failed release being rolled back) are removed *before*
-    that first reload, so nginx never sends them a request.
+    that first reload.
     """
     old = list(old)
     sick = " ".join(shlex.quote(c.id) for c in old if c.health not in ("healthy", ""))
@@ -681,6 +722,167 @@ def gate_failures(text: str, services: Iterable[str] = SERVICES) -> list[str]:
     return problems
 
 
+# --- proof of the running configuration ------------------------------------------
+#
+# "reloading" must mean the new configuration serves. After a deploy or a
+# rollback the gate reads back, from inside each container that mounts managed
+# files, the bytes it sees (sha256) and what it loaded: nginx answers the
+# config id embedded in the nginx.conf it runs (render.embedded_config_id);
+# Prometheus' last successful reload must postdate its files.
+
+NGINX_CONFIG_ID_PATH = "/config-id"
+
+
+def mounted_files(compose_text: str, managed_rel: Iterable[str],
+                  root: str = "") -> dict[str, dict[str, str]]:
+    """{service: {managed file (relative to the root): its path inside the container}}.
+
+    Read from the compose file's bind mounts (relative sources are relative to
+    its directory, ``docker/``); a file is seen through a directory mount or a
+    single-file one alike.
+    """
+    import posixpath
+
+    import yaml
+
+    data = yaml.safe_load(compose_text) or {}
+    root = root.rstrip("/")
+    managed = sorted(managed_rel)
+    out: dict[str, dict[str, str]] = {}
+    for service, svc in (data.get("services") or {}).items():
+        for entry in (svc or {}).get("volumes") or []:
+            if isinstance(entry, dict):
+                if entry.get("type", "bind") != "bind":
+                    continue
+                source, target = str(entry.get("source", "")), str(entry.get("target", ""))
+            else:
+                parts = str(entry).split(":")
+                if len(parts) < 2:
+                    continue
+                source, target = parts[0], parts[1]
+            if source.startswith("."):
+                source = posixpath.normpath(posixpath.join("docker", source))
+            elif root and source.startswith(root + "/"):
+                source = source[len(root) + 1:]
+            else:
+                continue
+            for rel in managed:
+                if rel == source:
+                    out.setdefault(service, {})[rel] = target
+                elif rel.startswith(source + "/"):
+                    out.setdefault(service, {})[rel] = target.rstrip("/") + rel[len(source):]
+    return out
+
+
+@dataclass
+class Proof:
+    """What the running services must show: the files they see and what they loaded."""
+
+    mounts: dict[str, dict[str, str]]  # service -> {rel: container path}
+    expected: dict[str, str] | None = None  # rel -> sha256; None: the files on the host
+    nginx_config_id: str | None = None  # None: the nginx.conf has no id (older release)
+
+
+def proof_lines(settings: Settings, proof: Proof) -> list[str]:
+    """Shell lines reporting, per service, the files' digests inside its container
+    (``== seen.SERVICE``), the host's (``== host``), nginx's served config id and
+    Prometheus' reload state."""
+    from .render import NGINX_STATUS_PORT
+
+    root = shlex.quote(settings.root.rstrip("/"))
+    rels = sorted({rel for files in proof.mounts.values() for rel in files})
+    project = shlex.quote(f"label=com.docker.compose.project={settings.compose_project}")
+    lines = ["echo '== host'",
+             f"(cd {root} && sha256sum -- {' '.join(shlex.quote(r) for r in rels)}) 2>&1"
+             if rels else "true"]
+    for service, files in sorted(proof.mounts.items()):
+        svc = shlex.quote(f"label=com.docker.compose.service={service}")
+        paths = " ".join(shlex.quote(p) for p in files.values())
+        lines += [
+            f"for c in $(docker ps -q --filter {project} --filter {svc} "
+            "--filter status=running); do",
+            f"  echo '== seen.{service}'",
+            f"  docker exec \"$c\" sha256sum -- {paths} 2>&1",
+        ]
+        if service == "nginx" and proof.nginx_config_id:
+            url = f"http://127.0.0.1:{NGINX_STATUS_PORT}{NGINX_CONFIG_ID_PATH}"
+            lines += ["  echo '== nginx-config-id'",
+                      f"  docker exec \"$c\" wget -qO- -T 5 {url} 2>&1"]
+        if service == "prometheus":
+            url = f"http://127.0.0.1:{settings.ports.prometheus}/metrics"
+            lines += [
+                "  echo '== prometheus-ctime'",
+                f"  docker exec \"$c\" stat -c '%Z %n' -- {paths} 2>&1",
+                "  echo '== prometheus-reload'",
+                f"  docker exec \"$c\" wget -qO- -T 5 {url} 2>&1 | "
+                "grep -E '^prometheus_config_last_reload_success'",
+            ]
+        lines.append("done")
+    lines.append("true")
+    return lines
+
+
+def proof_failures(text: str, proof: Proof) -> list[str]:
+    """What differs between the running services and the files they should run."""
+    sec = sections(text)
+    host = {}
+    for line in sec.get("host", []):
+        digest, _, rel = line.partition("  ")
+        if rel:
+            host[rel] = digest
+    expected = proof.expected if proof.expected is not None else host
+    problems = []
+    for service, files in sorted(proof.mounts.items()):
+        if f"seen.{service}" not in sec:
+            continue  # no running container: the health gate says so
+        seen = {}
+        for line in sec.get(f"seen.{service}", []):
+            digest, _, path = line.partition("  ")
+            if path:
+                seen[path] = digest
+        for rel, path in sorted(files.items()):
+            want = expected.get(rel)
+            if want is None:
+                continue
+            if path not in seen:
+                problems.append(f"{service}: cannot read {path} inside its container")
+            elif seen[path] != want:
+                problems.append(f"{service}: {path} inside its container is not the "
+                                f"{rel} deployed (the container does not see the new file)")
+        if service == "nginx" and proof.nginx_config_id:
+            served = " ".join(sec.get("nginx-config-id", [])).strip() or "nothing"
+            if served != proof.nginx_config_id:
+                problems.append(f"nginx: serves configuration {served[:40]}, not the deployed "
+                                f"{proof.nginx_config_id} (the reload did not take effect)")
+        if service == "prometheus":
+            problems += _prometheus_problems(sec, files)
+    return problems
+
+
+def _prometheus_problems(sec: dict[str, list[str]], files: Mapping[str, str]) -> list[str]:
+    metrics = {}
+    for line in sec.get("prometheus-reload", []):
+        name, _, value = line.partition(" ")
+        try:
+            metrics[name] = float(value)
+        except ValueError:
+            pass
+    ok = metrics.get("prometheus_config_last_reload_successful")
+    when = metrics.get("prometheus_config_last_reload_success_timestamp_seconds")
+    if ok is None or when is None:
+        return ["prometheus: cannot read its reload state (/metrics)"]
+    if ok != 1:
+        return ["prometheus: its last configuration reload failed (see its log)"]
+    wanted = set(files.values())
+    changed = [int(parts[0]) for line in sec.get("prometheus-ctime", [])
+               if len(parts := line.split(" ", 1)) == 2 and parts[0].isdigit()
+               and parts[1] in wanted]
+    if changed and when < max(changed):
+        return ["prometheus: runs a configuration loaded before its files last changed "
+                "(not reloaded)"]
+    return []
+
+
 # --- recording releases, restoring them -----------------------------------------
 
 
@@ -775,9 +977,14 @@ def restore_script(settings: Settings, tar: str, managed_now: Iterable[str],
         f"for f in {rels}; do grep -qxF -- \"$f\" \"$T.list\" || "
         "{ [ -e \"$f\" ] && echo \"$f\"; rm -f -- \"$f\"; }; done",
         'rm -f "$T.list"',
-        'tar df "$T" 2>&1 | grep -E "Contents differ|Size differs|No such file|Cannot stat" '
-        '| sed -E "s/^tar: //; s/: .*//" | sort -u || true',
-        'tar xf "$T"',
+        # Only the files that differ are extracted: the others keep their inode
+        # and times (a service's "loaded after its files changed" stays true).
+        'tar df "$T" 2>&1 | grep -E "Contents differ|Size differs|Mode differs|Uid differs|'
+        'Gid differs|No such file|Cannot stat" | sed -E "s/^tar: //; s/: .*//" | sort -u '
+        '> "$T.changed" || true',
+        'cat "$T.changed"',
+        'if [ -s "$T.changed" ]; then tar xf "$T" -T "$T.changed"; fi',
+        'rm -f "$T.changed"',
     ]
     for _service, (ref, image_id) in sorted(images.items()):
         lines.append(f"docker tag {shlex.quote(image_id)} {shlex.quote(ref)}")

@@ -143,10 +143,15 @@ def self_signed_cert_cmd(directory: str, domain: str, days: int = 30) -> str:
 
 
 def ensure_certificates(host: Host, settings: Settings) -> list[str]:
-    """Make sure every TLS name has some certificate so nginx can start."""
-    created = []
-    for domain in tls_domains(settings):
-        r = host.run(self_signed_cert_cmd(cert_dir(settings, domain), domain), sudo=True)
-        if "created" in r.stdout:
-            created.append(domain)
-    return created
+    """Make sure every TLS name has some certificate so nginx can start.
+
+    One command for all names; returns the names that got a self-signed
+    stand-in (ssl.obtain replaces them with real ones).
+    """
+    names = tls_domains(settings)
+    script = "\n".join(
+        f"o=$({self_signed_cert_cmd(cert_dir(settings, d), d)}) || exit 1; "
+        f"[ \"$o\" != created ] || echo {shlex.quote('created ' + d)}" for d in names)
+    r = host.run(script, sudo=True)
+    made = {line.split(" ", 1)[1] for line in r.stdout.splitlines() if line.startswith("created ")}
+    return [d for d in names if d in made]

@@ -29,7 +29,6 @@ from stack_rig import StackRig
 from fabfile.config import SERVICES
 from fabfile.host import Host
 from fabfile.lock import StackLock
-from fabfile.stack import ensure_certificates
 
 pytestmark = pytest.mark.rig
 
@@ -101,11 +100,11 @@ def rig(ssh_host, tmp_path_factory):
     r = Rig(ssh_host, tmp_path_factory.mktemp("deploy"))
     remove_release_tags(PROJECT)  # left by an interrupted earlier run
     s = r.settings
-    # A fresh server after provision: directories, .env, certificates; no stack files.
+    # A fresh server after provision: directories, .env; no stack files, and no
+    # certificate (the first deploy makes its stand-ins).
     for d in (s.backup.dir, s.backup.textfile_dir, s.tls.webroot, s.root):
         r.stack.run(f"mkdir -p {d}")
     r.stack.write_env()
-    ensure_certificates(Host(r.stack.conn), s)
     try:
         yield r
     finally:

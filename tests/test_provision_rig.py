@@ -170,3 +170,19 @@ def test_set_values_are_kept_and_only_missing_secrets_generated(ssh_host, target
     assert target.exec(f"stat -c %a {ROOT}/.env").stdout.strip() == "600"
     assert "changed: installed" not in out
 
+
+
+def test_failed_pip_install_reports_its_cause(ssh_host, target, tmp_path):
+    """Last: it leaves other pip options in the server's settings file. The index is
+    the host's own loopback, where nothing listens."""
+    config = write_config(tmp_path / "offline.yaml", {"provision": {
+        "pip_options": "--index-url http://127.0.0.1:9/simple --retries 0"}},
+        [str(target.known_hosts)])
+    target.exec(f"rm -f {ROOT}/ops/.venv/.maicivy-installed")
+    proc = fab(ssh_host, config, "provision", host=target.target, timeout=900)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out
+    failed = next(line for line in out.splitlines() if "FAILED: installing maicivy-ops" in line)
+    assert "network: Connection refused" in failed, failed
+    assert "No matching distribution found" in failed, failed
+    assert "originates from a subprocess" not in failed

@@ -77,6 +77,17 @@ def test_apt_command_only_for_missing_packages():
 def test_compose_plugin_package_per_distribution():
     assert compose_package("debian", "12") is None  # bookworm has only compose v1
     assert compose_package("debian", "13") == "docker-compose"
+    # Debian 13's docker.io has no docker command: docker-cli ships it.
+    assert {"docker.io", "docker-cli", "docker-compose"} <= set(wanted_packages("debian", "13"))
+    assert "docker-cli" not in wanted_packages("debian", "12")
+    assert "docker-cli" not in wanted_packages("ubuntu", "24.04")
+    # Every package provision may want is one whose state the facts report
+    # (else it would be "missing", and installed again, on every run).
+    from fabfile.provision import ALL_PACKAGES, facts_script
+
+    for os_id, version in (("debian", "12"), ("debian", "13"), ("ubuntu", "24.04")):
+        for pkg in wanted_packages(os_id, version):
+            assert pkg in ALL_PACKAGES and f" {pkg}" in facts_script(ALL_PACKAGES), pkg
     assert compose_package("ubuntu", "24.04") == "docker-compose-v2"
     assert "docker-compose-v2" in wanted_packages("ubuntu", "24.04")
     wanted = wanted_packages("debian", "12")
@@ -98,10 +109,10 @@ New profiles: skip
 
 To                         Action      From
 --                         ------      ----
-22/tcp                     LIMIT IN    Anywhere                   # ssh
+22/tcp                     ALLOW IN    Anywhere                   # ssh
 80/tcp                     ALLOW IN    Anywhere                   # http
 443/tcp                    ALLOW IN    Anywhere                   # https
-22/tcp (v6)                LIMIT IN    Anywhere (v6)              # ssh
+22/tcp (v6)                ALLOW IN    Anywhere (v6)              # ssh
 """
 
 
@@ -111,8 +122,51 @@ def test_ufw_status_parsing():
     assert not ufw_is_configured(UFW_STATUS.replace("active", "inactive"), 22)
     assert not ufw_is_configured(UFW_STATUS.replace("deny (incoming)", "allow (incoming)"), 22)
     cmds = ufw_commands(2222)
-    assert cmds[0] == "ufw limit 2222/tcp comment ssh"  # SSH stays open before enabling
+    assert cmds[0] == "ufw allow 2222/tcp comment ssh"  # SSH stays open before enabling
     assert cmds[-1] == "ufw --force enable"
+    # ufw's limit (6 connections in 30 s) locks out an operator running tasks in a
+    # row: an older provision's LIMIT rule is not what we want any more.
+    assert not any("limit" in c for c in cmds)
+    limited = UFW_STATUS.replace("22/tcp                     ALLOW IN",
+                                 "22/tcp                     LIMIT IN")
+    assert not ufw_is_configured(limited, 22)
+
+
+PIP_OFFLINE = """  error: subprocess-exited-with-error
+
+  × pip subprocess to install build dependencies did not run successfully.
+  │ exit code: 1
+  ╰─> [4 lines of output]
+      WARNING: Retrying (Retry(total=4, connect=None, read=None, redirect=None, status=None)) \
+after connection broken by 'NewConnectionError('<HTTPSConnection object at 0x7f>: Failed to \
+establish a new connection: [Errno 111] Connection refused')': /simple/setuptools/
+      ERROR: Could not find a version that satisfies the requirement setuptools>=64 (from \
+versions: none)
+      ERROR: No matching distribution found for setuptools>=64
+      [end of output]
+
+  note: This error originates from a subprocess, and is likely not a problem with pip.
+error: subprocess-exited-with-error
+
+× pip subprocess to install build dependencies did not run successfully.
+│ exit code: 1
+╰─> See above for output.
+
+note: This error originates from a subprocess, and is likely not a problem with pip.
+"""
+
+
+def test_pip_failure_reports_the_cause_not_the_closing_note():
+    from fabfile.provision import pip_failure
+
+    why = pip_failure(PIP_OFFLINE)
+    assert "No matching distribution found for setuptools>=64" in why
+    assert "network: Connection refused" in why
+    assert "originates from a subprocess" not in why
+    # Output without an ERROR line: its last lines, still not pip's note.
+    assert pip_failure("Collecting x\nKilled\nnote: This error originates from a "
+                       "subprocess") == "Collecting x | Killed"
+    assert pip_failure("") == "no output"
 
 
 def test_server_settings_file_loads_back_to_the_same_settings(tmp_path):
