@@ -92,6 +92,9 @@ def run_argv(spec: Spec) -> list[str]:
             # /proc/PID/ns of its first process: when that runs as another user
             # (postgres, nobody...), reading it takes CAP_SYS_PTRACE.
             "--cap-add", "SYS_PTRACE",
+            # The inner engine grants its containers only capabilities this
+            # container has: the stack's compose file asks for DAC_READ_SEARCH.
+            "--cap-add", "DAC_READ_SEARCH",
             "--security-opt", "seccomp=unconfined", "--security-opt", "apparmor=unconfined",
             "--security-opt", "systempaths=unconfined", "--cgroupns=host",
             "-v", "/sys/fs/cgroup:/sys/fs/cgroup:rw", "--tmpfs", "/run", "--tmpfs", "/run/lock",

@@ -26,8 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from rig.images import TEST_IMAGES
 
 from fabfile import sandbox
+from fabfile.config import SERVICES
 
 ROOT = Path(__file__).resolve().parent.parent
 SUITE = os.environ.get("MAICIVY_STORY_SUITE", "trixie")
@@ -39,13 +41,9 @@ HELPER_IMAGE = f"{RIG_PREFIX}/pybase:test"
 REGISTRY_NAME = "registry.test:5000"
 DOMAIN = "maicivy.test"
 GRAFANA = "grafana.maicivy.test"
-# service -> (repository, tag) in the rig registry; the story pushes them all.
-IMAGES = {
-    "postgres": ("postgres", "test"), "redis": ("redis", "test"),
-    "backend": ("backend", "v1"), "frontend": ("frontend", "test"),
-    "nginx": ("nginx", "test"), "prometheus": ("prometheus", "test"),
-    "grafana": ("grafana", "test"), "node_exporter": ("node-exporter", "test"),
-}
+# service -> (repository, tag) in the rig registry (every service of the stack).
+IMAGES = {svc: tuple(ref.rsplit("/", 1)[1].split(":", 1))
+          for svc, ref in TEST_IMAGES.items()}
 EXTRA_IMAGES = [("backend", "v2"), ("frontend", "v2")]
 SERVER_ROOT = "/opt/maicivy"
 COMPOSE = (f"docker compose -p maicivy -f {SERVER_ROOT}/docker/docker-compose.prod.yml "
@@ -270,7 +268,7 @@ class World:
         return get(DOMAIN, self.box.https_port, path, timeout=timeout)
 
     def wait_healthy(self, timeout: float = 240) -> float:
-        """Wait until /health answers over HTTPS and all 8 services are healthy;
+        """Wait until /health answers over HTTPS and every service is healthy;
         return the seconds it took."""
         import ssl
 
@@ -283,7 +281,7 @@ class World:
                 states = [s for s in self.sh(f"{COMPOSE} ps --format '{{{{.Service}}}} "
                                              "{{.Health}}'", check=False).stdout.split("\n")
                           if s.strip()]
-                if status == 200 and len(states) == 8 and all(
+                if status == 200 and len(states) == len(SERVICES) and all(
                         s.endswith(" healthy") for s in states):
                     return time.monotonic() - t0
                 last = f"HTTP {status}; {states}"

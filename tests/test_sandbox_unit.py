@@ -11,6 +11,7 @@ def test_run_line_is_the_checked_recipe_without_privileged():
     argv = sandbox.run_argv(spec)
     line = " ".join(argv)
     for part in ("--cap-add SYS_ADMIN", "--cap-add NET_ADMIN", "--cap-add SYS_PTRACE",
+                 "--cap-add DAC_READ_SEARCH",
                  "--security-opt seccomp=unconfined", "--security-opt apparmor=unconfined",
                  "--security-opt systempaths=unconfined", "--cgroupns=host",
                  "-v /sys/fs/cgroup:/sys/fs/cgroup:rw", "--tmpfs /run", "--tmpfs /run/lock",

@@ -112,7 +112,7 @@ fi
 # trusting what this machine trusts (a proxy's CA, say).
 rm -rf "$CACHE/wheels.new"
 mkdir -p "$CACHE/wheels.new"
-# shellcheck disable=SC2046
+# shellcheck disable=SC2016  # expanded by the container's shell
 "$DOCKER" run --rm --network=host -v "$CACHE/wheels.new:/wheels" -v "$REPO:/src:ro" \
     -v /etc/ssl/certs/ca-certificates.crt:/etc/ssl/host-ca.crt:ro -e PIP_CERT=/etc/ssl/host-ca.crt \
     -e PIP_DISABLE_PIP_VERSION_CHECK=1 "$IMAGE" sh -c '
