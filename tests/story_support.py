@@ -213,6 +213,8 @@ class World:
             "healthcheck": {"interval": "2s", "timeout": "3s", "retries": 30,
                             "start_period": "5s"},
             "rate_limit": {"per_minute": 6000, "burst": 200},
+            # The test images' nginx is Debian 12's (nginx 1.22, OpenSSL 3.0).
+            "nginx": {"version": "1.22", "openssl_version": "3.0"},
             "provision": {"pip_options": f"--no-index --find-links {sandbox.WHEELHOUSE_MOUNT}"},
             "tls": {"acme_server": "https://pebble.test:14000/dir",
                     "ca_bundle": "/etc/maicivy/pebble-ca.pem", "email": "ops@maicivy.test"},
