@@ -18,7 +18,7 @@ if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 PACKAGES=(
   openssh-server openssh-client nginx-core prometheus prometheus-alertmanager docker.io docker-registry mmdebstrap
   pebble certbot postgresql-client redis-tools zstd pigz gzip openssl curl wget
-  util-linux iproute2 systemd cron python3-venv ca-certificates
+  util-linux iproute2 systemd cron python3-venv ca-certificates dpkg-dev shellcheck
 )
 missing=()
 for p in "${PACKAGES[@]}"; do
@@ -41,13 +41,10 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q -e '.[test]'
 
-PATH="$PWD/.venv/bin:$PATH" $SUDO env "PATH=$PWD/.venv/bin:$PATH" bash tests/rig/setup-docker.sh
+$SUDO env "PATH=$PWD/.venv/bin:$PATH" bash tests/rig/setup-docker.sh
 
 # --- the first-day story's fresh server (tests/rig/fresh-server/build.sh) ---------
 # A Debian 13 image booting systemd, a local apt repository of what provision
 # installs (dpkg-dev's dpkg-scanpackages) and a wheelhouse: provision runs offline.
-if ! dpkg-query -W -f='${Status}' dpkg-dev 2>/dev/null | grep -q "ok installed"; then
-  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends dpkg-dev >/dev/null
-fi
 $SUDO bash tests/rig/fresh-server/build.sh trixie
 echo "install-deps: ready"

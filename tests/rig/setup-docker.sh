@@ -83,6 +83,7 @@ die() {
     printf 'setup-docker: ERROR: %s\n' "$*" >&2
     exit 1
 }
+# shellcheck disable=SC2154  # rc is assigned inside the trap string
 trap 'rc=$?; printf "setup-docker: ERROR: command failed (exit %s) at line %s: %s\n" "$rc" "$LINENO" "$BASH_COMMAND" >&2; exit $rc' ERR
 
 [ "$(id -u)" = 0 ] || die "must run as root"
