@@ -62,11 +62,11 @@ from datetime import UTC, datetime
 from .config import Settings
 from .errors import OpsError
 from .host import Host, sudo_wrap
+from .release import sections
 
 BUSY = 75  # exit status of a holder that could not take the lock
 LOST = 76  # exit status of a step whose lock check failed
 
-_SECTION = re.compile(r"^== (\S+)(?: (.*))?$")
 _NOW = "$(date -u +%Y-%m-%dT%H:%M:%S.%3NZ)"
 
 
@@ -264,23 +264,6 @@ def holder_read_script(d: str) -> str:
         "fi",
         "true",
     ])
-
-
-def sections(text: str) -> dict[str, list[str]]:
-    """Split ``== name`` delimited output into {name: lines}."""
-    out: dict[str, list[str]] = {}
-    current = None
-    for line in text.splitlines():
-        m = _SECTION.match(line)
-        if m:
-            current = m.group(1)
-            out.setdefault(current, [])
-            if m.group(2):
-                out[current].append(m.group(2))
-            continue
-        if current is not None and line.strip():
-            out[current].append(line.rstrip("\n"))
-    return out
 
 
 # --- the journal (pure) -----------------------------------------------------------------
