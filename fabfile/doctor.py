@@ -204,26 +204,25 @@ def memory_check(facts: dict) -> Check:
     return Check("memory", OK, detail)
 
 
+def _version_check(key: str, label: str, version: str, minimum: tuple, missing: str,
+                   fix: str) -> Check:
+    if not version:
+        return Check(key, FAIL, missing, fix)
+    if _version(version) < minimum:
+        return Check(key, FAIL, f"{label} {version} is too old",
+                     f"upgrade to {'.'.join(map(str, minimum))} or later")
+    return Check(key, OK, f"{label} {version}")
+
+
 def docker_checks(facts: dict) -> list[Check]:
-    out = []
-    dv, cv = facts.get("docker", ""), facts.get("compose", "")
-    if not dv:
-        out.append(Check("docker", FAIL, "no Docker engine answers",
-                         "run provision (installs Docker), or start it: systemctl start docker"))
-    elif _version(dv) < MIN_DOCKER:
-        out.append(Check("docker", FAIL, f"Docker {dv} is too old",
-                         f"upgrade to {'.'.join(map(str, MIN_DOCKER))} or later"))
-    else:
-        out.append(Check("docker", OK, f"Docker {dv}"))
-    if not cv:
-        out.append(Check("compose", FAIL, "no docker compose plugin",
-                         "install docker-compose-plugin (provision does)"))
-    elif _version(cv) < MIN_COMPOSE:
-        out.append(Check("compose", FAIL, f"Compose {cv} is too old",
-                         f"upgrade to {'.'.join(map(str, MIN_COMPOSE))} or later"))
-    else:
-        out.append(Check("compose", OK, f"Compose {cv}"))
-    return out
+    return [
+        _version_check("docker", "Docker", facts.get("docker", ""), MIN_DOCKER,
+                       "no Docker engine answers",
+                       "run provision (installs Docker), or start it: systemctl start docker"),
+        _version_check("compose", "Compose", facts.get("compose", ""), MIN_COMPOSE,
+                       "no docker compose plugin",
+                       "install docker-compose-plugin (provision does)"),
+    ]
 
 
 def clock_check(facts: dict, skew: float | None, uncertainty: float) -> Check:

@@ -205,20 +205,26 @@ def wait_running(name: str, timeout: float = 120) -> str:
                    f"{(logs.stdout + logs.stderr).decode(errors='replace')[-500:]})")
 
 
-def wait_ssh(name: str, port: int, timeout: float = 60) -> str:
-    """Wait for sshd; return its ed25519 host key ("ssh-ed25519 AAAA...")."""
+def ssh_answers(port: int, timeout: float) -> bool:
+    """True once an SSH server greets on 127.0.0.1:port (within ``timeout`` seconds)."""
     deadline = time.monotonic() + timeout
     while True:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
                 s.settimeout(2)
                 if s.recv(4).startswith(b"SSH-"):
-                    break
+                    return True
         except OSError:
             pass
         if time.monotonic() > deadline:
-            raise OpsError(f"sshd of sandbox {name} does not answer on 127.0.0.1:{port}")
+            return False
         time.sleep(0.3)
+
+
+def wait_ssh(name: str, port: int, timeout: float = 60) -> str:
+    """Wait for sshd; return its ed25519 host key ("ssh-ed25519 AAAA...")."""
+    if not ssh_answers(port, timeout):
+        raise OpsError(f"sshd of sandbox {name} does not answer on 127.0.0.1:{port}")
     key = sh(name, "cat /etc/ssh/ssh_host_ed25519_key.pub").stdout.decode().split()
     return f"{key[0]} {key[1]}"
 

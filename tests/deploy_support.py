@@ -19,6 +19,8 @@ from pathlib import Path
 
 import yaml
 
+from fabfile.sandbox import ssh_answers
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -291,19 +293,9 @@ def start_provision_host(image: str, name: str, pubkey: Path, work: Path) -> Pro
         capture_output=True, text=True, check=True)
     port = int(subprocess.run(["docker", "port", name, "22/tcp"], capture_output=True, text=True,
                               check=True).stdout.split(":")[-1])
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
-                s.settimeout(2)
-                if s.recv(4).startswith(b"SSH-"):
-                    break
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            logs = subprocess.run(["docker", "logs", name], capture_output=True, text=True)
-            raise RuntimeError(f"sshd in {name} does not answer: {logs.stdout}{logs.stderr}")
-        time.sleep(0.2)
+    if not ssh_answers(port, 30):
+        logs = subprocess.run(["docker", "logs", name], capture_output=True, text=True)
+        raise RuntimeError(f"sshd in {name} does not answer: {logs.stdout}{logs.stderr}")
     key = subprocess.run(["docker", "exec", name, "cat", "/etc/ssh/ssh_host_ed25519_key.pub"],
                          capture_output=True, text=True, check=True).stdout.split()
     known = work / f"{name}.known_hosts"
