@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import start_sshd
+from test_errors_cli import one_error_line
 
 from fabfile.audit import IDENTITY_SH
 from fabfile.config import load_settings
@@ -32,17 +33,6 @@ def cli(argv, env=None):
     environ.update(env or {})
     return subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd="/",
                           env=environ)
-
-
-def one_error_line(proc, code: int, *parts: str) -> str:
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == code, out
-    assert "Traceback" not in out, out
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), out
-    for part in parts:
-        assert part in lines[0], lines[0]
-    return lines[0]
 
 
 # --- ProxyJump: the gateway's host key is checked too ---------------------------------
