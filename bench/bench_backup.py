@@ -74,10 +74,10 @@ def child(config: Path, what: str) -> None:
     import yaml
     from invoke import Context
 
-    from fabfile.backup import run_backup
+    from fabfile.backup.restore import check_found, fetch, resolve, restore_postgres
+    from fabfile.backup.tasks import run_backup
     from fabfile.config import load_settings
     from fabfile.host import Host
-    from fabfile.restore import check_found, fetch, resolve, restore_postgres
 
     settings = load_settings(invoke_section=yaml.safe_load(config.read_text()),
                              environ={}, files=[])

@@ -16,14 +16,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
-from invoke import Exit
+from invoke import Collection, Exit
 
 from .config import SERVICES, Settings
 from .core import host_for, ops_task, settings_for
+from .deploy.release import ROLLING, log_line, state_dir
 from .errors import OpsError
 from .host import Host, sudo_wrap
 from .progress import step
-from .release import ROLLING, log_line, state_dir
 from .stack import compose
 from .stream import stream
 
@@ -406,9 +406,9 @@ def wait_healthy_cmd(settings: Settings, service: str, timeout: int) -> str:
 
 def restart_service(host: Host, settings: Settings, service: str) -> str:
     """Restart one service and wait for it to be healthy; returns how it was done."""
-    from . import deploy
+    from .deploy import tasks as deploy
+    from .deploy.release import Plan, inspect_containers_cmd, log_append, parse_containers, sections
     from .lock import stack_lock
-    from .release import Plan, inspect_containers_cmd, log_append, parse_containers, sections
 
     timeout = int(settings.deploy.health_timeout_seconds)
     current = f"echo '== current'; cat {shlex.quote(state_dir(settings))}/current 2>/dev/null"
@@ -443,7 +443,7 @@ def restart_service(host: Host, settings: Settings, service: str) -> str:
 
 
 def _who() -> str:
-    from .deploy import local_user
+    from .deploy.tasks import local_user
 
     return local_user()
 
@@ -560,3 +560,7 @@ def maintenance_note(host: Host, settings: Settings) -> str:
         return ""
     return (f"{host.name}: note: maintenance mode is still ON ({r.stdout.strip()}): the "
             "site answers 503; run app.maintenance-off when you are done")
+
+
+ns = Collection("app", status, logs, exec_, psql, redis_cli, restart,
+                maintenance_on, maintenance_off)

@@ -19,9 +19,9 @@ from invoke import Exit
 
 from .config import Settings
 from .core import host_for, ops_task, settings_for
+from .deploy.release import state_dir
 from .host import Host
 from .lock import holder_read_script, interrupted, lock_dir, parse_holder
-from .release import state_dir
 from .ssl import file_cert_command, parse_x509
 from .stack import GENERATED_SECRETS, cert_dir, tls_domains
 

@@ -25,7 +25,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-from invoke import Exit
+from invoke import Collection, Exit
 
 from .config import SERVICES, Settings
 from .core import host_for, ops_task, settings_for
@@ -700,3 +700,6 @@ def check(c, json_=False):
     sys.stdout.flush()
     if status != OK:
         raise Exit(code=EXIT_CODES[status])
+
+
+ns = Collection("health", check)

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import HostKeyError, OpsError
+from .shell import last_lines
 
 try:  # fabric is a hard dependency, but keep the import failure readable.
     from fabric import Connection
@@ -409,21 +410,6 @@ class CommandFailed(OpsError):
         self.result = result
         super().__init__(f"on {target}: command failed (exit {result.exited}): "
                          f"{last_lines(result.stderr, result.stdout)}")
-
-
-def last_lines(stderr: str, stdout: str = "", n: int = 3, width: int = 300) -> str:
-    """The last ``n`` non-empty lines of a failed command's output, on one line.
-
-    stderr first (where errors go); stdout when stderr is empty. Never just
-    "exit 1": says "no output" when there was none.
-    """
-    lines = [ln.strip() for ln in (stderr or "").splitlines() if ln.strip()]
-    if not lines:
-        lines = [ln.strip() for ln in (stdout or "").splitlines() if ln.strip()]
-    if not lines:
-        return "no output"
-    text = " | ".join(lines[-n:])
-    return text if len(text) <= width else "..." + text[-width:]
 
 
 # --- patchwork-style helpers -------------------------------------------------

@@ -62,7 +62,7 @@ from datetime import UTC, datetime
 from .config import Settings
 from .errors import OpsError
 from .host import Host, sudo_wrap
-from .release import sections
+from .shell import sections
 
 BUSY = 75  # exit status of a holder that could not take the lock
 LOST = 76  # exit status of a step whose lock check failed

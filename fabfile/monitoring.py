@@ -35,7 +35,7 @@ import shlex
 from dataclasses import dataclass
 
 import yaml
-from invoke import Exit
+from invoke import Collection, Exit
 
 from .config import Settings
 from .core import host_for, ops_task, settings_for
@@ -547,3 +547,6 @@ def status(c, json_=False):
         print("\n".join(format_status(targets, alerts)))
     if any(t.health != "up" for t in targets) or any(problem(a) for a in alerts):
         raise Exit(code=1)
+
+
+ns = Collection("monitoring", test_alert, push, status)

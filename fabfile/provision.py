@@ -22,12 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from invoke import Collection
 
 from .audit import SSH_CONNECTION_SH
 from .config import PROJECT_ROOT, Settings
+from .deploy.release import state_dir
 from .errors import OpsError
-from .host import Host, last_lines, upload_if_changed
-from .release import sections, state_dir
+from .host import Host, upload_if_changed
+from .shell import last_lines, sections
 from .stack import ensure_certificates, fill_env, parse_env, remote_files, unset_secrets
 
 UNIT_PATH = "/etc/systemd/system/maicivy.service"
@@ -643,3 +645,6 @@ def provision(c, dry_run=False):
         host.say(f"{host.name}: provisioned ({len(report.changes)} change(s))")
     else:
         host.say(f"{host.name}: nothing changed")
+
+
+ns = Collection("provision", provision)

@@ -298,7 +298,7 @@ def reboot(name: str, timeout: float = 180) -> Sandbox:
 
 # --- tasks ----------------------------------------------------------------------------
 
-from invoke import task  # noqa: E402
+from invoke import Collection, task  # noqa: E402
 
 from .core import fail  # noqa: E402
 
@@ -352,3 +352,6 @@ def down(c, name=DEFAULT_NAME):
     except OpsError as exc:
         raise fail(str(exc)) from None
     print(f"sandbox {name} removed")
+
+
+ns = Collection("sandbox", up, down)

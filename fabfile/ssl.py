@@ -24,6 +24,8 @@ import shlex
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 
+from invoke import Collection
+
 from .config import DEFAULTS, Settings
 from .core import host_for, ops_task, settings_for
 from .errors import OpsError
@@ -565,3 +567,6 @@ def status(c, json_=False):
         return
     for line in format_status(infos):
         print(line)
+
+
+ns = Collection("ssl", obtain, renew, status)

@@ -222,7 +222,7 @@ def test_local_stream_ctrl_c_stops_the_command():
 
 
 def test_image_references_are_split_as_the_registry_api_wants():
-    from fabfile.plan import split_ref
+    from fabfile.deploy.plan import split_ref
 
     assert split_ref("postgres:15-alpine") == ("registry-1.docker.io", "library/postgres",
                                                "15-alpine")
@@ -234,7 +234,7 @@ def test_image_references_are_split_as_the_registry_api_wants():
 
 
 def test_plan_rows_say_what_would_happen_to_each_service():
-    from fabfile.plan import format_plan, plan_rows
+    from fabfile.deploy.plan import format_plan, plan_rows
 
     s = settings(images={"backend": "reg:5000/app/backend:v2"})
     ref = {svc: s.image(svc) for svc in SERVICES}

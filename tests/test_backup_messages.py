@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from fabfile.backup_shell import failure_line, pg_backup_script, redis_backup_script
+from fabfile.backup.scripts import failure_line, pg_backup_script, redis_backup_script
 from fabfile.config import load_settings
 
 FAKE_DOCKER = r"""#!/bin/bash

@@ -30,7 +30,7 @@ from backup_support import (
     sha256_file,
 )
 
-from fabfile import backup_s3
+from fabfile.backup import s3 as backup_s3
 from fabfile.errors import OpsError
 from fabfile.lock import server_lock
 

@@ -9,9 +9,20 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from fabfile import backup_s3
-from fabfile.backup_retention import Backup, format_plan, plan
-from fabfile.backup_shell import (
+from fabfile.backup import s3 as backup_s3
+from fabfile.backup.manifest import (
+    Entry,
+    check_problems,
+    find_entry,
+    metrics_text,
+    name_of,
+    next_metrics,
+    parse_listing,
+    parse_metrics,
+)
+from fabfile.backup.restore import confirm, install_rdb_script
+from fabfile.backup.retention import Backup, format_plan, plan
+from fabfile.backup.scripts import (
     REDIS_CHECK_SH,
     REDIS_INSTALL_SH,
     REDIS_ROLLBACK_SH,
@@ -27,20 +38,9 @@ from fabfile.backup_shell import (
     redis_check_archive_script,
     swap_databases_sql,
 )
-from fabfile.backup_store import (
-    Entry,
-    check_problems,
-    find_entry,
-    metrics_text,
-    name_of,
-    next_metrics,
-    parse_listing,
-    parse_metrics,
-)
 from fabfile.config import load_settings
 from fabfile.errors import ConfigError, OpsError
 from fabfile.lock import holder_script
-from fabfile.restore import confirm, install_rdb_script
 
 NOW = datetime(2026, 11, 25, 3, 0, tzinfo=UTC)
 
@@ -164,7 +164,7 @@ def _manifest(name, file, created="2026-11-25T03:00:00Z", ok=True, size=5000, **
     ({}, None),
 ])
 def test_every_name_in_a_manifest_must_be_one_we_write(change, problem):
-    from fabfile.backup_store import check_manifest, manifest_problem
+    from fabfile.backup.manifest import check_manifest, manifest_problem
 
     name = "postgres-20261125T030000Z"
     m = {**json.loads(_manifest(name, f"{name}.dump.gz")), **change}

@@ -9,8 +9,7 @@ import tarfile
 import pytest
 
 from fabfile.config import SERVICES, load_settings
-from fabfile.errors import OpsError
-from fabfile.release import (
+from fabfile.deploy.release import (
     Container,
     gate_failures,
     log_line,
@@ -26,6 +25,7 @@ from fabfile.release import (
     sections,
     swap_cmd,
 )
+from fabfile.errors import OpsError
 
 
 def settings(tmp_path=None, **extra):
@@ -213,7 +213,7 @@ def test_diagnosis_of_a_failed_container_keeps_health_log_logs_and_a_short_form(
 
 
 def test_image_tags_from_the_command_line():
-    from fabfile.deploy import with_tag, with_tags
+    from fabfile.deploy.tasks import with_tag, with_tags
 
     assert with_tag("127.0.0.1:5000/maicivy/backend:v1", "sha-abc") == \
         "127.0.0.1:5000/maicivy/backend:sha-abc"
@@ -228,7 +228,7 @@ def test_image_tags_from_the_command_line():
 
 
 def test_history_table_and_json_entries_from_the_log():
-    from fabfile.deploy import history_table, parse_log_line
+    from fabfile.deploy.tasks import history_table, parse_log_line
 
     line = log_line("2026-11-29T10:00:00Z", "alice@laptop", "rolled-back", "20261129T100000Z",
                     {"backend": ("r/maicivy/backend:sha-1", "sha256:" + "a" * 64),
@@ -253,7 +253,7 @@ def test_history_table_and_json_entries_from_the_log():
 
 
 def test_deploy_scripts_parse():
-    from fabfile.release import deploy_report_script, diagnose_script, scale_up_cmd
+    from fabfile.deploy.release import deploy_report_script, diagnose_script, scale_up_cmd
 
     s = settings()
     for script in (scale_up_cmd(s, "backend", 2, 20, ["a", "b"]), diagnose_script(s),

@@ -16,8 +16,9 @@ import pytest
 from invoke import Context
 
 from fabfile.config import load_settings
+from fabfile.deploy.release import deploy_report_script, parse_state
 from fabfile.errors import OpsError
-from fabfile.host import Host, last_lines
+from fabfile.host import Host
 from fabfile.lock import (
     LockBusy,
     LostLock,
@@ -29,7 +30,7 @@ from fabfile.lock import (
     server_lock,
     stack_lock,
 )
-from fabfile.release import deploy_report_script, parse_state
+from fabfile.shell import last_lines
 
 
 def settings(tmp_path, **extra):

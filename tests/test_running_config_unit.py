@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from fabfile.config import load_settings
-from fabfile.deploy import deployed_proof
-from fabfile.release import Proof, mounted_files, proof_failures, proof_lines
+from fabfile.deploy.release import Proof, mounted_files, proof_failures, proof_lines
+from fabfile.deploy.tasks import deployed_proof
 from fabfile.stack import remote_files
 
 
@@ -87,7 +87,7 @@ def test_proof_lines_ask_the_running_containers():
 
 
 def test_registry_of_an_image_reference():
-    from fabfile.release import registry_host
+    from fabfile.deploy.release import registry_host
 
     assert registry_host("ghcr.io/acme/backend:1") == "ghcr.io"
     assert registry_host("127.0.0.1:5000/maicivy/backend:v1") == "127.0.0.1:5000"
@@ -101,7 +101,7 @@ def test_login_gives_the_password_on_stdin_only(tmp_path):
     import os
     import subprocess
 
-    from fabfile.release import login_lines
+    from fabfile.deploy.release import login_lines
 
     password = "s3cret 'with' $pecial \"chars\""
     env = tmp_path / ".env"

@@ -19,9 +19,9 @@ from test_errors_cli import one_error_line
 
 from fabfile.audit import IDENTITY_SH
 from fabfile.config import load_settings
+from fabfile.deploy.release import log_append
 from fabfile.host import Host, harden_connection
 from fabfile.lock import stack_lock
-from fabfile.release import log_append
 
 pytestmark = pytest.mark.rig
 
@@ -194,7 +194,7 @@ def moto(tmp_path_factory):
 
 
 def test_s3_uploads_ask_for_and_check_server_side_encryption(moto):
-    from fabfile import backup_s3
+    from fabfile.backup import s3 as backup_s3
 
     s3 = moto.client()
     small = b"x" * 1000

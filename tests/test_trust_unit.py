@@ -8,8 +8,8 @@ import subprocess
 
 from fabfile.audit import IDENTITY_SH
 from fabfile.config import load_settings
+from fabfile.deploy.release import log_append
 from fabfile.provision import live_ssh_port, ssh_port_lockout
-from fabfile.release import log_append
 
 
 def test_live_ssh_port_is_the_server_side_port():

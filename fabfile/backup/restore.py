@@ -19,16 +19,24 @@ from datetime import UTC, datetime
 
 from invoke import Collection
 
-from . import backup_s3 as s3mod
-from .backup import (
-    check_archive,
-    count_differences,
-    drop_database,
-    restore_into,
-    run_backup,
+from ..config import Settings
+from ..core import host_for, ops_task, settings_for
+from ..errors import OpsError
+from ..host import Host
+from ..lock import server_lock, stack_lock
+from ..progress import step
+from ..stack import compose, read_env
+from . import s3 as s3mod
+from .manifest import (
+    Entry,
+    check_manifest,
+    find_entry,
+    list_backups,
+    manifest_json,
+    name_of,
 )
-from .backup_shell import HEADER as SH_HEADER
-from .backup_shell import (
+from .scripts import HEADER as SH_HEADER
+from .scripts import (
     REDIS_APPENDDIRNAME,
     REDIS_APPENDONLY,
     REDIS_DATA_DIR,
@@ -47,21 +55,13 @@ from .backup_shell import (
     redis_oneoff,
     swap_databases_sql,
 )
-from .backup_store import (
-    Entry,
-    check_manifest,
-    find_entry,
-    list_backups,
-    manifest_json,
-    name_of,
+from .tasks import (
+    check_archive,
+    count_differences,
+    drop_database,
+    restore_into,
+    run_backup,
 )
-from .config import Settings
-from .core import host_for, ops_task, settings_for
-from .errors import OpsError
-from .host import Host
-from .lock import server_lock, stack_lock
-from .progress import step
-from .stack import compose, read_env
 
 
 def _stamp() -> str:
@@ -467,6 +467,4 @@ def redis(c, backup="", yes=False, safety_backup=True, keep_old=False):
     restore_redis(host, settings, entry, safety_backup=safety_backup, keep_old=keep_old)
 
 
-ns = Collection("restore")
-ns.add_task(postgres)
-ns.add_task(redis)
+ns = Collection("restore", postgres, redis)

@@ -22,8 +22,8 @@ from __future__ import annotations
 import re
 import shlex
 
-from .config import Settings
-from .stack import compose
+from ..config import Settings
+from ..stack import compose
 
 KINDS = ("postgres", "redis")
 

@@ -25,8 +25,9 @@ from dataclasses import dataclass
 
 import yaml
 
-from .config import SERVICES, Settings
-from .host import Host, sha256
+from ..config import SERVICES, Settings
+from ..host import Host, sha256
+from ..stack import remote_files
 from .release import (
     ROLLING,
     inspect_containers_cmd,
@@ -37,7 +38,6 @@ from .release import (
     reloads_for,
     sections,
 )
-from .stack import remote_files
 
 ACCEPT = ", ".join([
     "application/vnd.oci.image.index.v1+json",

@@ -21,9 +21,9 @@ import hashlib
 import shlex
 from dataclasses import dataclass
 
-from .config import Settings
-from .errors import OpsError
-from .host import Host
+from ..config import Settings
+from ..errors import OpsError
+from ..host import Host
 
 PART_SIZE = 8 * 1024 * 1024
 

@@ -25,13 +25,13 @@ import shlex
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from .audit import IDENTITY_SH, log_line_with_identity
-from .config import SERVICES, Settings
-from .stack import compose
+from ..audit import IDENTITY_SH, log_line_with_identity
+from ..config import SERVICES, Settings
+from ..shell import sections
+from ..stack import compose
 
 # Services replaced with a second container beside the old one.
 ROLLING = ("backend", "frontend")
-_SECTION = re.compile(r"^== (\S+)(?: (.*))?$")
 _RELEASE_ID = re.compile(r"^[0-9]{8}T[0-9]{6}Z(-[0-9]+)?$")
 
 
@@ -155,23 +155,6 @@ def _state_lines(settings: Settings, quoted_rels: str, snapshot: bool) -> list[s
         "true",
     ]
     return lines
-
-
-def sections(text: str) -> dict[str, list[str]]:
-    """Split ``== name`` delimited output into {name: lines}."""
-    out: dict[str, list[str]] = {}
-    current = None
-    for line in text.splitlines():
-        m = _SECTION.match(line)
-        if m:
-            current = m.group(1)
-            out.setdefault(current, [])
-            if m.group(2):
-                out[current].append(m.group(2))
-            continue
-        if current is not None and line.strip():
-            out[current].append(line.rstrip("\n"))
-    return out
 
 
 @dataclass
@@ -393,7 +376,7 @@ def parse_plan(text: str, refs: Mapping[str, str], nginx: str = "nginx") -> Plan
                 parse_containers(sec.get("containers", [])))
     missing = sorted(s for s, i in wanted_image.items() if i == "missing")
     if missing:
-        from .errors import OpsError
+        from ..errors import OpsError
 
         raise OpsError(f"image of {', '.join(missing)} is not on the server after the pull "
                        f"({', '.join(refs[s] for s in missing)}); check the image names and "
@@ -792,7 +775,7 @@ def proof_lines(settings: Settings, proof: Proof) -> list[str]:
     """Shell lines reporting, per service, the files' digests inside its container
     (``== seen.SERVICE``), the host's (``== host``), nginx's served config id and
     Prometheus' reload state."""
-    from .render import NGINX_STATUS_PORT
+    from ..render import NGINX_STATUS_PORT
 
     root = shlex.quote(settings.root.rstrip("/"))
     rels = sorted({rel for files in proof.mounts.values() for rel in files})

@@ -15,11 +15,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from .backup_retention import Backup
-from .backup_shell import KINDS, NAME_RE, bash, kind_dir
-from .config import Settings
-from .errors import OpsError
-from .host import Host
+from ..config import Settings
+from ..errors import OpsError
+from ..host import Host
+from .retention import Backup
+from .scripts import KINDS, NAME_RE, bash, kind_dir
 
 MANIFEST_FORMAT = 1
 

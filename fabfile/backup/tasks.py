@@ -18,9 +18,27 @@ from datetime import UTC, datetime
 
 from invoke import Collection
 
-from . import backup_s3 as s3mod
-from .backup_retention import format_plan, plan
-from .backup_shell import (
+from ..config import Settings
+from ..core import host_for, ops_task, settings_for
+from ..errors import OpsError
+from ..host import Host
+from ..lock import backup_locks, server_lock
+from ..progress import step
+from ..stack import read_env
+from . import s3 as s3mod
+from .manifest import (
+    MANIFEST_FORMAT,
+    Entry,
+    check_problems,
+    find_entry,
+    iso,
+    list_backups,
+    manifest_json,
+    utc_now,
+    write_metrics,
+)
+from .retention import format_plan, plan
+from .scripts import (
     KINDS,
     bash,
     count_rows_script,
@@ -36,24 +54,6 @@ from .backup_shell import (
     redis_backup_script,
     redis_check_archive_script,
 )
-from .backup_store import (
-    MANIFEST_FORMAT,
-    Entry,
-    check_problems,
-    find_entry,
-    iso,
-    list_backups,
-    manifest_json,
-    utc_now,
-    write_metrics,
-)
-from .config import Settings
-from .core import host_for, ops_task, settings_for
-from .errors import OpsError
-from .host import Host
-from .lock import backup_locks, server_lock
-from .progress import step
-from .stack import read_env
 
 TOOL = "maicivy-ops 0.1.0"
 
@@ -698,6 +698,4 @@ def _drill(host: Host, settings: Settings, entry: Entry) -> None:
              f"{len(got)} tables, {sum(got.values())} rows, counts match the manifest")
 
 
-ns = Collection("backup")
-for _t in (postgres, redis, all_, prune, check, list_, verify):
-    ns.add_task(_t)
+ns = Collection("backup", postgres, redis, all_, prune, check, list_, verify)

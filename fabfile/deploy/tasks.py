@@ -18,7 +18,7 @@ turn, stopping at the first host that fails:
 8. records the release (kept for ``deploy.rollback``), prunes old ones and
    their images, and appends a line to the deploy log.
 
-The pure half (scripts and their parsing) is in :mod:`fabfile.release`.
+The pure half (scripts and their parsing) is in :mod:`fabfile.deploy.release`.
 """
 
 from __future__ import annotations
@@ -29,12 +29,16 @@ import shlex
 import time
 from datetime import UTC, datetime
 
-from .config import APP_IMAGES, SERVICES, Settings
-from .core import host_for, ops_task, settings_for
-from .errors import ConfigError, OpsError
-from .host import Host, sha256, upload_if_changed
-from .lock import LockLost, StackLock, break_lock, stack_lock, who
-from .progress import step
+from invoke import Collection
+
+from ..config import APP_IMAGES, SERVICES, Settings
+from ..core import host_for, ops_task, settings_for
+from ..errors import ConfigError, OpsError
+from ..host import Host, sha256, upload_if_changed
+from ..lock import LockLost, StackLock, break_lock, stack_lock, who
+from ..progress import step
+from ..render import COMPOSE_FILE, NGINX_CONF, embedded_config_id
+from ..stack import ensure_certificates, remote_files
 from .release import (
     ROLLING,
     Diagnosis,
@@ -72,8 +76,6 @@ from .release import (
     swap_cmd,
     up_cmd,
 )
-from .render import COMPOSE_FILE, NGINX_CONF, embedded_config_id
-from .stack import ensure_certificates, remote_files
 
 
 class DeployFailed(OpsError):
@@ -134,7 +136,7 @@ def _pre_deploy_backup(host: Host, settings: Settings, plan: Plan):
         host.say("pre-deploy backup: skipped (PostgreSQL is not running yet)")
         return None
     try:
-        from .backup import backup_postgres
+        from ..backup.tasks import backup_postgres
     except ImportError:
         host.say("pre-deploy backup: skipped (the backup namespace is not installed)")
         return None
@@ -221,7 +223,7 @@ def converge(host: Host, settings: Settings, plan: Plan, rolling_back: bool = Fa
         _step(host, f"compose up: {', '.join(plan.recreate)}")
         r = host.run(up_cmd(settings, timeout), sudo=True, warn=True, timeout=timeout + 300)
         if r.failed:
-            from .host import last_lines
+            from ..shell import last_lines
 
             raise DeployFailed(f"compose up failed: {last_lines(r.stderr, r.stdout)}")
         touched += plan.recreate
@@ -236,7 +238,7 @@ def reload_changed(host: Host, settings: Settings, changed_rel, touched) -> None
         _step(host, f"{service}: reload")
         r = host.run(reload_cmd(settings, service), sudo=True, warn=True, timeout=180)
         if r.failed:
-            from .host import last_lines
+            from ..shell import last_lines
 
             raise DeployFailed(f"reloading {service} failed: {last_lines(r.stderr, r.stdout)}")
 
@@ -247,7 +249,7 @@ def health_gate(host: Host, settings: Settings, attempts: int = 5,
 
     With ``proof``, also when every service runs the files it should: the
     bytes its container sees and the configuration it loaded (see
-    :func:`~fabfile.release.proof_failures`).
+    :func:`~fabfile.deploy.release.proof_failures`).
     """
     with step("health gate") as s:
         problems = _health_gate(host, settings, attempts, proof)
@@ -300,7 +302,7 @@ def _plan(host: Host, settings: Settings, refs, pull: bool, http: bool = False):
                      timeout=1800)
         s.failed = r.failed
     if r.failed:
-        from .host import last_lines
+        from ..shell import last_lines
 
         refused = sections(r.stdout).get("login-failed")
         if refused:
@@ -536,7 +538,7 @@ def deploy(c, dry_run=False, verbose=False, backend_tag="", frontend_tag=""):
             dry_run_commands(host, settings)
         return
     deploy_host(host, settings)
-    from .app import maintenance_note
+    from ..app import maintenance_note
 
     if note := maintenance_note(host, settings):  # never silently left on
         host.say(note)
@@ -677,3 +679,6 @@ def unlock(c):
         host.say(f"{host.name}: no task holds the stack lock")
         return
     host.say(f"{host.name}: lock broken (was held by {owner})")
+
+
+ns = Collection("deploy", deploy, rollback, history, unlock)
