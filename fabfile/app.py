@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 
 from invoke import Collection, Exit
 
+from . import clock
 from .config import SERVICES, Settings
 from .core import host_for, ops_task, settings_for
 from .deploy.release import ROLLING, log_line, state_dir
@@ -40,7 +41,7 @@ _STATUS_FORMAT = (
 
 def maintenance_dir(settings: Settings) -> str:
     """The directory nginx mounts at /etc/nginx/maintenance (page + flag file)."""
-    return f"{settings.root.rstrip('/')}/docker/nginx/maintenance"
+    return f"{settings.root}/docker/nginx/maintenance"
 
 
 def maintenance_flag(settings: Settings) -> str:
@@ -438,7 +439,7 @@ def restart_service(host: Host, settings: Settings, service: str) -> str:
                                    f"--service {service}")
             how = "restarted"
         lock.finish("restart", log_append(settings, log_line(
-            deploy.now(), deploy.local_user(), "restart", release, {}, f"{service} {how}")))
+            clock.iso(), deploy.local_user(), "restart", release, {}, f"{service} {how}")))
         return how
 
 

@@ -568,7 +568,21 @@ def load_settings(
     if overrides:
         merged = deep_merge(merged, overrides)
     validate(merged)
+    _normalize_paths(merged)
     return Settings.wrap(merged)
+
+
+def _normalize_paths(data: dict) -> None:
+    """Directories without a trailing slash (``/opt/maicivy/`` -> ``/opt/maicivy``), so
+    that code joins them with ``f"{settings.root}/x"`` and never strips them itself."""
+    for name, key in iter_keys():
+        if key.rule in (PATH, PATH_OR_EMPTY):
+            *parents, last = name.split(".")
+            node = data
+            for part in parents:
+                node = node[part]
+            if isinstance(node[last], str) and node[last] not in ("", "/"):
+                node[last] = node[last].rstrip("/") or "/"
 
 
 def _plain(section: Mapping) -> dict:

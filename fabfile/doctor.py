@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 
 from invoke import Exit
 
+from .addresses import host_port, is_loopback
 from .config import Settings
 from .core import host_for, ops_task, settings_for
 from .deploy.release import state_dir
@@ -83,7 +84,7 @@ def facts_script(settings: Settings) -> str:
                      f"[ -f {q(cert_dir(settings, name) + '/fullchain.pem')} ] && "
                      f"{file_cert_command(settings, name)} 2>&1")
     for kind in _backup_kinds():
-        kdir = q(f"{settings.backup.dir.rstrip('/')}/{kind}")
+        kdir = q(f"{settings.backup.dir}/{kind}")
         lines.append(
             f"m=$(ls -1t {kdir}/*.json 2>/dev/null | head -n 1); "
             f"if [ -n \"$m\" ]; then echo \"@@backup {kind} $(stat -c %Y \"$m\") "
@@ -277,9 +278,9 @@ def exposed_ports(lines: list[str]) -> list[tuple[str, str, str, str, str]]:
             if not m:
                 continue
             ip = m.group("ip").strip("[]")
-            if ip.startswith("127.") or ip == "::1":
+            if is_loopback(ip):
                 continue
-            out.append((name, project, service, f"{ip or '::'}:{m.group('hp')}",
+            out.append((name, project, service, host_port(ip or '::', m.group('hp')),
                         f"{m.group('cp')}/{m.group('proto')}"))
     return out
 
@@ -287,11 +288,11 @@ def exposed_ports(lines: list[str]) -> list[tuple[str, str, str, str, str]]:
 def ports_check(settings: Settings, facts: dict) -> Check:
     allowed = {str(settings.publish.http), str(settings.publish.https)}
     bad = []
-    for name, project, service, host_port, cport in exposed_ports(facts["ports"]):
+    for name, project, service, published, cport in exposed_ports(facts["ports"]):
         ours = project == settings.compose_project and service == "nginx"
-        if ours and host_port.rsplit(":", 1)[1] in allowed:
+        if ours and published.rsplit(":", 1)[1] in allowed:
             continue
-        bad.append(f"{name} {host_port}->{cport}")
+        bad.append(f"{name} {published}->{cport}")
     ufw = facts.get("ufw", "") or "ufw not installed"
     if bad:
         return Check("published ports", FAIL,

@@ -57,8 +57,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 
+from .clock import iso
 from .config import Settings
 from .errors import OpsError
 from .host import Host, sudo_wrap
@@ -89,11 +89,9 @@ class LostConnection(LockLost):
 
 
 def lock_dir(settings: Settings) -> str:
-    return f"{settings.root.rstrip('/')}/.deploy"
+    return f"{settings.root}/.deploy"
 
 
-def now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def who() -> str:
@@ -105,7 +103,7 @@ def who() -> str:
 
 
 def describe_holder(task: str) -> str:
-    return f"{task} by {who()} since {now()}"
+    return f"{task} by {who()} since {iso()}"
 
 
 # --- scripts (pure) ------------------------------------------------------------------

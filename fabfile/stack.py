@@ -43,13 +43,13 @@ def compose(settings: Settings, *args: str) -> str:
 
 def remote_files(settings: Settings) -> dict[str, bytes]:
     """The rendered tree keyed by absolute path on the server."""
-    root = settings.root.rstrip("/")
+    root = settings.root
     return {f"{root}/{rel}": data for rel, data in render_tree(settings).items()}
 
 
 def cert_dir(settings: Settings, domain: str) -> str:
     """Where nginx reads a domain's certificate (mounted at /etc/nginx/certs)."""
-    return f"{settings.root.rstrip('/')}/docker/nginx/certs/{domain}"
+    return f"{settings.root}/docker/nginx/certs/{domain}"
 
 
 def tls_domains(settings: Settings) -> list[str]:

@@ -99,7 +99,7 @@ def test_doctor_names_ports_published_past_ufw():
     facts = {"ports": PORTS, "ufw": "Status: active"}
     check = doctor.ports_check(s, facts)
     assert check.status == doctor.FAIL
-    assert check.detail.endswith("redis-x 0.0.0.0:6379->6379/tcp; redis-x :::6379->6379/tcp")
+    assert check.detail.endswith("redis-x 0.0.0.0:6379->6379/tcp; redis-x [::]:6379->6379/tcp")
     assert "bypass ufw" in check.fix
     assert doctor.ports_check(s, {"ports": [PORTS[0], PORTS[2]], "ufw": ""}).status == doctor.OK
 

@@ -101,3 +101,17 @@ def test_cause_is_the_reason_of_the_last_line():
     assert _cause("FAILED: wrote 3 of 8 bytes (connection lost?)") == \
         "wrote 3 of 8 bytes (connection lost?)"
     assert _cause("", "") == "the connection was lost"
+
+
+def test_one_idea_of_a_local_address_for_every_caller():
+    from fabfile.addresses import host_port, is_loopback, split_host_port
+
+    for local in ("127.0.0.1", "127.1.2.3", "::1", "[::1]", "localhost", "::ffff:127.0.0.1"):
+        assert is_loopback(local), local
+    for remote in ("10.0.0.1", "::", "0.0.0.0", "example.com", "", "[2001:db8::1]"):
+        assert not is_loopback(remote), remote
+    assert split_host_port("[::1]:5000") == ("::1", "5000")
+    assert split_host_port("127.0.0.1:5000") == ("127.0.0.1", "5000")
+    assert split_host_port("registry.example.com") == ("registry.example.com", "")
+    assert host_port("::1", 5000) == "[::1]:5000" and host_port("[::1]", 1) == "[::1]:1"
+    assert host_port("127.0.0.1", 80) == "127.0.0.1:80"

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from ..clock import iso, parse_iso, utc_now  # noqa: F401 (used by tasks)
 from ..config import Settings
 from ..errors import OpsError
 from ..host import Host
@@ -22,18 +23,6 @@ from .retention import Backup
 from .scripts import KINDS, NAME_RE, bash, kind_dir
 
 MANIFEST_FORMAT = 1
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
-
-
-def iso(ts: datetime) -> str:
-    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_iso(text: str) -> datetime:
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
 
 
 def manifest_json(manifest: Mapping) -> str:
@@ -285,7 +274,7 @@ METRICS = {
 
 
 def metrics_file(settings: Settings, kind: str) -> str:
-    return f"{settings.backup.textfile_dir.rstrip('/')}/maicivy_backup_{kind}.prom"
+    return f"{settings.backup.textfile_dir}/maicivy_backup_{kind}.prom"
 
 
 def parse_metrics(text: str) -> dict[str, float]:

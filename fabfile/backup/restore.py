@@ -15,10 +15,10 @@ import shlex
 import sys
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 from invoke import Collection
 
+from .. import clock
 from ..config import Settings
 from ..core import host_for, ops_task, settings_for
 from ..errors import OpsError
@@ -62,11 +62,6 @@ from .tasks import (
     restore_into,
     run_backup,
 )
-
-
-def _stamp() -> str:
-    return datetime.now(UTC).strftime("%Y%m%d%H%M%S")
-
 
 # --- finding and fetching the backup ------------------------------------------------
 
@@ -154,8 +149,8 @@ def fetch(host: Host, settings: Settings, found: Entry | InBucket, kind: str) ->
         host.run(f"install -d -m 700 -- {q(settings.backup.dir)} {q(d)}", sudo=True)
         r = host.run(f"mktemp -d -p {q(settings.backup.dir)} .fetch-XXXXXXXX", sudo=True)
         work = r.stdout.strip()
-        if not work.startswith(settings.backup.dir.rstrip("/") + "/.fetch-") or "/" in \
-                work[len(settings.backup.dir.rstrip("/")) + 1:]:
+        if not work.startswith(settings.backup.dir + "/.fetch-") or "/" in \
+                work[len(settings.backup.dir) + 1:]:
             raise OpsError(f"mktemp gave an unexpected directory {work!r}")
         try:
             for f, sha in files:
@@ -250,7 +245,7 @@ def restore_postgres(host: Host, settings: Settings, entry: Entry, *, safety_bac
     """Restore ``entry`` (already checked and confirmed) in place of the live database."""
     m = entry.manifest
     database = live_database(host, settings)
-    stamp = _stamp()
+    stamp = clock.stamp().lower()  # a Postgres name: lower case, quoted or not
     new, old = f"{database}_restore_{stamp}", f"{database}_pre_restore_{stamp}"
     safety = None
     with stack_lock(host, settings, "restore.postgres"):  # no deploy, no backup meanwhile
@@ -386,7 +381,7 @@ def restore_redis(host: Host, settings: Settings, entry: Entry, *, safety_backup
                   keep_old: bool = False) -> int:
     """Put ``entry``'s RDB in place of Redis' data (already checked and confirmed)."""
     m = entry.manifest
-    aside = f"maicivy-pre-restore-{_stamp()}"
+    aside = f"maicivy-pre-restore-{clock.stamp()}"
     safety = None
     directory = REDIS_DATA_DIR
     low = int(m.get("keys", 0)) - int(m.get("expires", 0))

@@ -21,6 +21,7 @@ import hashlib
 import shlex
 from dataclasses import dataclass
 
+from ..addresses import is_loopback
 from ..config import Settings
 from ..errors import OpsError
 from ..host import Host
@@ -50,9 +51,6 @@ def parse_url(value: str) -> tuple[str, str]:
     return bucket, key
 
 
-LOOPBACK = ("127.0.0.1", "::1", "localhost")
-
-
 def check_endpoint(endpoint: str) -> None:
     """Refuse a plain-http endpoint unless it is on this machine (loopback).
 
@@ -66,7 +64,7 @@ def check_endpoint(endpoint: str) -> None:
     parts = urlsplit(endpoint)
     if parts.scheme == "https" and parts.hostname:
         return
-    if parts.scheme == "http" and parts.hostname in LOOPBACK:
+    if parts.scheme == "http" and is_loopback(parts.hostname or ""):
         return
     raise OpsError(f"backup.s3.endpoint {endpoint!r} must be an https:// URL (plain http "
                    "only to a loopback address such as http://127.0.0.1:9000)")

@@ -121,11 +121,11 @@ def dq(text: str) -> str:
 
 
 def kind_dir(settings: Settings, kind: str) -> str:
-    return f"{settings.backup.dir.rstrip('/')}/{kind}"
+    return f"{settings.backup.dir}/{kind}"
 
 
 def lock_path(settings: Settings, kind: str) -> str:
-    return f"{settings.backup.dir.rstrip('/')}/.lock-{kind}"
+    return f"{settings.backup.dir}/.lock-{kind}"
 
 
 def exec_in(settings: Settings, service: str, script: str, *args: str) -> str:

@@ -19,12 +19,12 @@ with ``--verbose``.
 from __future__ import annotations
 
 import difflib
-import re
 import shlex
 from dataclasses import dataclass
 
 import yaml
 
+from ..addresses import is_loopback, split_host_port
 from ..config import SERVICES, Settings
 from ..host import Host, sha256
 from ..stack import remote_files
@@ -45,7 +45,6 @@ ACCEPT = ", ".join([
     "application/vnd.docker.distribution.manifest.v2+json",
     "application/vnd.oci.image.manifest.v1+json",
 ])
-_LOCAL_REGISTRY = re.compile(r"^(localhost|127\.[0-9.]+|\[::1\])(:\d+)?$")
 
 
 def split_ref(ref: str) -> tuple[str, str, str]:
@@ -65,7 +64,7 @@ def split_ref(ref: str) -> tuple[str, str, str]:
 def registry_digest_cmd(ref: str) -> str:
     """Print ``@@remote <ref> <digest or ?reason>``: the digest the tag has in its registry."""
     registry, repo, tag = split_ref(ref)
-    scheme = "http" if _LOCAL_REGISTRY.match(registry) else "https"
+    scheme = "http" if is_loopback(split_host_port(registry)[0]) else "https"
     url = f"{scheme}://{registry}/v2/{repo}/manifests/{tag}"
     q = shlex.quote
     return "\n".join([
@@ -206,7 +205,7 @@ def file_diffs(host: Host, files: dict[str, bytes], known: dict[str, str]) -> li
 def show_plan(host: Host, settings: Settings) -> list[Row]:
     """Print the plan of a deploy to ``host``; returns its rows. Changes nothing."""
     files = remote_files(settings)
-    root = settings.root.rstrip("/")
+    root = settings.root
     state = parse_state(host.check(probe_script(settings, list(files)), sudo=True).stdout)
     if state.busy:
         host.say(f"note: a deploy is running now: {state.busy}")
@@ -239,7 +238,7 @@ def show_plan(host: Host, settings: Settings) -> list[Row]:
     elif any(c.service == "postgres" and c.running for c in parse_containers(
             sections(r.stdout).get("containers", []))):
         host.say(f"backup first: backup.postgres (pre-deploy) into "
-                 f"{settings.backup.dir.rstrip('/')}/postgres")
+                 f"{settings.backup.dir}/postgres")
     else:
         host.say("backup first: none (PostgreSQL is not running yet)")
     return rows

@@ -36,12 +36,12 @@ _RELEASE_ID = re.compile(r"^[0-9]{8}T[0-9]{6}Z(-[0-9]+)?$")
 
 
 def state_dir(settings: Settings) -> str:
-    return f"{settings.root.rstrip('/')}/.deploy"
+    return f"{settings.root}/.deploy"
 
 
 def relative(settings: Settings, paths: Iterable[str]) -> list[str]:
     """Paths under the stack root, relative to it (for tar -C root)."""
-    root = settings.root.rstrip("/") + "/"
+    root = settings.root + "/"
     return sorted(p[len(root):] for p in paths if p.startswith(root))
 
 
@@ -71,7 +71,7 @@ def deploy_report_script(settings: Settings, managed: Iterable[str]) -> str:
     so an interrupted deploy never replaces the last good state. Then the
     hashes, the current release and the names of unset .env secrets.
     """
-    root = shlex.quote(settings.root.rstrip("/"))
+    root = shlex.quote(settings.root)
     rels = relative(settings, managed)
     quoted = " ".join(shlex.quote(r) for r in rels)
     return "\n".join([
@@ -116,7 +116,7 @@ def end_attempt_cmd(settings: Settings) -> str:
 def probe_script(settings: Settings, managed: Iterable[str]) -> str:
     """What the deploy lock reports, read-only, without the lock (for --dry-run)."""
     d = shlex.quote(state_dir(settings))
-    root = shlex.quote(settings.root.rstrip("/"))
+    root = shlex.quote(settings.root)
     quoted = " ".join(shlex.quote(r) for r in relative(settings, managed))
     return "\n".join([
         f"D={d}; R={root}",
@@ -777,7 +777,7 @@ def proof_lines(settings: Settings, proof: Proof) -> list[str]:
     Prometheus' reload state."""
     from ..render import NGINX_STATUS_PORT
 
-    root = shlex.quote(settings.root.rstrip("/"))
+    root = shlex.quote(settings.root)
     rels = sorted({rel for files in proof.mounts.values() for rel in files})
     project = shlex.quote(f"label=com.docker.compose.project={settings.compose_project}")
     lines = ["echo '== host'",
@@ -897,7 +897,7 @@ def record_script(settings: Settings, release: str, managed: Iterable[str],
         "set -e",
         f"D={shlex.quote(d)}; RD={shlex.quote(rd)}",
         'mkdir -p "$RD"',
-        f"cd {shlex.quote(settings.root.rstrip('/'))}",
+        f"cd {shlex.quote(settings.root)}",
         f"set -- ; for f in {rels}; do [ -f \"$f\" ] && set -- \"$@\" \"$f\"; done",
         'tar cf "$RD/files.tar" -T /dev/null -- "$@"',
         f"printf '%s' {shlex.quote(images_text(images))} > \"$RD/images\"",
@@ -952,7 +952,7 @@ def log_line(when: str, user: str, result: str, release: str,
 def restore_script(settings: Settings, tar: str, managed_now: Iterable[str],
                    images: Mapping[str, tuple[str, str]]) -> str:
     """Put back a snapshot's files (removing managed files it did not have) and image tags."""
-    root = shlex.quote(settings.root.rstrip("/"))
+    root = shlex.quote(settings.root)
     rels = " ".join(shlex.quote(r) for r in relative(settings, managed_now))
     lines = [
         "set -e",

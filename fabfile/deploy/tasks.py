@@ -27,10 +27,10 @@ import json
 import re
 import shlex
 import time
-from datetime import UTC, datetime
 
 from invoke import Collection
 
+from .. import clock
 from ..config import APP_IMAGES, SERVICES, Settings
 from ..core import host_for, ops_task, settings_for
 from ..errors import ConfigError, OpsError
@@ -86,12 +86,8 @@ class DeployFailed(OpsError):
         self.diagnosed = diagnosed  # what the failed container says was printed
 
 
-def now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def new_release_id() -> str:
-    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    return clock.stamp()
 
 
 # --- image tags given on the command line ---------------------------------------------
@@ -277,7 +273,7 @@ def _health_gate(host: Host, settings: Settings, attempts: int,
 
 def deployed_proof(settings: Settings, files) -> Proof:
     """What the services must run after deploying ``files`` (absolute path -> bytes)."""
-    root = settings.root.rstrip("/")
+    root = settings.root
     by_rel = {p[len(root) + 1:]: data for p, data in files.items()}
     return Proof(mounts=mounted_files(by_rel[COMPOSE_FILE].decode(), by_rel, root),
                  expected={rel: sha256(data) for rel, data in by_rel.items()},
@@ -286,7 +282,7 @@ def deployed_proof(settings: Settings, files) -> Proof:
 
 def restored_proof(host: Host, settings: Settings, managed) -> Proof:
     """What the services must run after a rollback: the files now on the server."""
-    root = settings.root.rstrip("/")
+    root = settings.root
     compose_file = host.read_file(f"{root}/{COMPOSE_FILE}", sudo=True).decode()
     r = host.check(f"cat -- {shlex.quote(f'{root}/{NGINX_CONF}')}", sudo=True)
     return Proof(mounts=mounted_files(compose_file, relative(settings, managed), root),
@@ -363,7 +359,7 @@ def _deploy_locked(host: Host, settings: Settings, files, state: ServerState,
     user = local_user()
 
     def finish(result: str, release: str, images, detail: str = "", end: bool = True):
-        extra = log_append(settings, log_line(now(), user, result, release, images, detail))
+        extra = log_append(settings, log_line(clock.iso(), user, result, release, images, detail))
         if end:
             extra += "\n" + end_attempt_cmd(settings)
         lock.finish(result, extra)
@@ -376,7 +372,7 @@ def _deploy_locked(host: Host, settings: Settings, files, state: ServerState,
         lock.finish("refused")
         raise OpsError(f"{host.name}: {settings.env_file} lacks {', '.join(state.unset)}; "
                        "run provision (it fills missing secrets) and deploy again")
-    root = settings.root.rstrip("/")
+    root = settings.root
     known = {f"{root}/{rel}": digest for rel, digest in state.hashes.items()}
     lock.step("upload changed files")
     changed = upload_if_changed(host, files, known=known, sudo=True)
@@ -482,7 +478,7 @@ def dry_run_commands(host: Host, settings: Settings) -> None:
     """Print the commands a deploy would run (deploy --dry-run --verbose)."""
     files = remote_files(settings)
     state = parse_state(host.check(probe_script(settings, list(files)), sudo=True).stdout)
-    root = settings.root.rstrip("/")
+    root = settings.root
     known = {f"{root}/{rel}": digest for rel, digest in state.hashes.items()}
     changed = [p for p, data in files.items() if known.get(p) != sha256(data)]
     for path in changed:
@@ -577,7 +573,7 @@ def rollback(c):
         lock.finish("rollback", "\n".join([
             f"echo {shlex.quote(target)} > {d}/current.tmp && mv -f {d}/current.tmp "
             f"{d}/current",
-            log_append(settings, log_line(now(), local_user(), "rollback", target, images,
+            log_append(settings, log_line(clock.iso(), local_user(), "rollback", target, images,
                                           f"from {state.current}")),
             end_attempt_cmd(settings),
         ]))
