@@ -7,8 +7,9 @@ openssh-server, a Docker engine with Compose v2, the local registry on
 ``--shuffle SEED`` (an integer, or ``random``) runs the test modules in a
 shuffled order and the tests of each module in a shuffled order, to show that
 no test relies on what an earlier one left behind. A module's tests stay
-together, so module-scoped fixtures are set up once. The seed is printed in
-the header and at the end; the same seed gives the same order.
+together, so module-scoped fixtures are set up once. A module marked
+``in_order`` (one story told step after step) keeps the order of its tests. The
+seed is printed in the header and at the end; the same seed gives the same order.
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ def pytest_collection_modifyitems(config, items):
     shuffled = []
     for name in order:
         tests = modules[name]
-        rng.shuffle(tests)
+        if not tests[0].get_closest_marker("in_order"):
+            rng.shuffle(tests)
         shuffled.extend(tests)
     items[:] = shuffled
 

@@ -38,8 +38,14 @@ fi
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -e '.[test]'
+# pip only when setup.cfg (the dependencies) changed since the last install: a
+# re-run does not ask the package index again.
+wanted="$(sha256sum setup.cfg | cut -d' ' -f1)"
+if [ "$(cat .venv/.maicivy-deps 2>/dev/null)" != "$wanted" ]; then
+  .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+  echo "$wanted" > .venv/.maicivy-deps
+fi
 
 $SUDO env "PATH=$PWD/.venv/bin:$PATH" bash tests/rig/setup-docker.sh
 

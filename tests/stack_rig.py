@@ -111,6 +111,12 @@ class StackRig:
         self.run(self.compose("up", "-d", "--wait", "--wait-timeout", str(timeout)),
                  timeout=timeout + 60)
 
+    def start(self, *services: str, timeout: int = 120) -> None:
+        """Start stopped ``services`` again and wait until they are healthy (a test
+        that stops or pauses a service gives the next test a whole stack)."""
+        self.run(self.compose("up", "-d", "--wait", "--wait-timeout", str(timeout), *services),
+                 timeout=timeout + 60)
+
     def down(self) -> None:
         self.host.run(self.compose("down", "-v", "--remove-orphans", "-t", "5"), warn=True,
                       timeout=180)

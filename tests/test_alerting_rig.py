@@ -97,7 +97,10 @@ def stack(ssh_host, tmp_path_factory):
     project = rig.settings.compose_project
     rig.sinks = {"smtp": f"{project}-smtp-sink", "http": f"{project}-http-sink"}
     try:
-        rig.up()
+        # The sinks listen before Alertmanager starts: its first heartbeat (sent as
+        # soon as Prometheus evaluates Watchdog) is not lost to a retry backoff.
+        rig.prepare()
+        rig.run(rig.compose("up", "--no-start"), hide=True)
         network = f"{project}_alerting"
         common = (f"docker run -d --name {{name}} --network {network} --network-alias {{alias}} "
                   f"-v {HERE / 'sinks'}:/sink:ro -v {deps}:/deps:ro -v {certs}:/certs:ro "
@@ -108,18 +111,22 @@ def stack(ssh_host, tmp_path_factory):
         rig.run(common.format(name=rig.sinks["http"], alias="http-sink")
                 + "python3 /sink/http_sink.py /out", hide=True)
         for name in rig.sinks.values():
-            for _ in range(60):
-                if "listening" in rig.run(f"docker logs {name} 2>&1", hide=True,
-                                          warn=True).stdout:
-                    break
-                time.sleep(0.5)
-            else:
-                pytest.fail(f"{name} did not start: "
-                            + rig.run(f"docker logs {name} 2>&1", warn=True).stdout)
+            wait_listening(rig, name, 1)
+        rig.up()
         yield rig
     finally:
         rig.run("docker rm -f " + " ".join(rig.sinks.values()), warn=True, hide=True)
         rig.down()
+
+
+def wait_listening(rig, name: str, times: int) -> None:
+    """Until the sink container ``name`` has said "listening" ``times`` times."""
+    for _ in range(60):
+        logs = rig.run(f"docker logs {name} 2>&1", hide=True, warn=True).stdout
+        if logs.count("listening") >= times:
+            return
+        time.sleep(0.5)
+    pytest.fail(f"{name} did not start: {logs}")
 
 
 def received(stack, prefix: str) -> list[dict]:
@@ -228,8 +235,14 @@ def test_push_checks_and_reloads_alertmanager_with_its_secrets(stack):
 
 
 def test_with_the_smtp_server_down_the_task_names_the_email_receiver(stack):
-    stack.run(f"docker stop -t 1 {stack.sinks['smtp']}", hide=True)
-    proc = fab(stack, "monitoring.test-alert", "--timeout", "90", timeout=300)
+    smtp = stack.sinks["smtp"]
+    starts = stack.run(f"docker logs {smtp} 2>&1", hide=True).stdout.count("listening")
+    stack.run(f"docker stop -t 1 {smtp}", hide=True)
+    try:
+        proc = fab(stack, "monitoring.test-alert", "--timeout", "90", timeout=300)
+    finally:
+        stack.run(f"docker start {smtp}", hide=True)
+        wait_listening(stack, smtp, starts + 1)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "webhook: accepted the test alert" in proc.stdout
     assert "email: FAILED" in proc.stdout

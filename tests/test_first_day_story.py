@@ -24,7 +24,7 @@ from deploy_support import ClientLoop
 from ssl_support import served_certificate
 from story_support import DOMAIN, IMAGE, REGISTRY_NAME, World, image_ready
 
-pytestmark = pytest.mark.rig
+pytestmark = [pytest.mark.rig, pytest.mark.in_order]
 
 ROOT = "/opt/maicivy"
 

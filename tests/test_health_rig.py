@@ -102,6 +102,7 @@ def test_a_hanging_backend_times_out_within_the_configured_timeout(stack):
         proc = fab(stack, "health.check", "--json", timeout=TIMEOUT * 10)
     finally:
         stack.run(stack.compose("unpause", "backend"))
+        stack.start("backend")
     data = report(proc)
     assert proc.returncode == 2
     rows = {c["check"]: c for c in data["checks"]}
@@ -123,5 +124,5 @@ def test_backend_stopped_is_critical_on_exactly_its_rows(stack):
         rows = {c["check"]: c["detail"] for c in data["checks"]}
         assert rows["service backend"].startswith("exited")
     finally:
-        stack.run(stack.compose("start", "backend"))
+        stack.start("backend")
 

@@ -4,6 +4,10 @@ namespace, sshd as PID 1, no systemd) reached by the real ``fab`` CLI over SSH.
 Nothing here touches the CI machine: ufw runs inside the container's network
 namespace (--cap-add NET_ADMIN), packages are pre-installed in its image and
 pip installs from the image's wheelhouse (no package index).
+
+One host is provisioned once for the module (``provisioned``); each test
+starts from that provisioned host and leaves it so. The refusal test has a
+fresh host of its own.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from deploy_support import (
 )
 
 from fabfile.config import load_settings
-from fabfile.provision import CRON_BEGIN, cron_lines, ufw_is_configured
+from fabfile.provision import CRON_BEGIN, SETTINGS_PATH, cron_lines, ufw_is_configured
 from fabfile.stack import GENERATED_SECRETS, parse_env, remote_files
 
 pytestmark = pytest.mark.rig
@@ -32,16 +36,32 @@ ROOT = "/opt/maicivy"
 SECRETS = GENERATED_SECRETS
 
 
-@pytest.fixture(scope="module")
-def target(ssh_host, tmp_path_factory):
-    work = tmp_path_factory.mktemp("provision")
+def fresh_host(ssh_host, work, name):
+    """A fresh host (not provisioned yet); stop_provision_host(name) removes it."""
     image = provision_host_image(work)
-    name = f"maicivy-provision-{os.getpid()}"
     host = start_provision_host(image, name, ssh_host.client_key.with_suffix(".pub"), work)
     host.config = write_config(work / "maicivy.yaml", OVERRIDES, [str(host.known_hosts)])
     host.target = f"root@127.0.0.1:{host.port}"
+    return host
+
+
+@pytest.fixture(scope="module")
+def target(ssh_host, tmp_path_factory):
+    """The module's host, provisioned once; ``target.first`` is that first run."""
+    name = f"maicivy-provision-{os.getpid()}"
     try:
+        host = fresh_host(ssh_host, tmp_path_factory.mktemp("provision"), name)
+        host.first = provision(ssh_host, host)
         yield host
+    finally:
+        stop_provision_host(name)
+
+
+@pytest.fixture
+def fresh(ssh_host, tmp_path):
+    name = f"maicivy-provision-fresh-{os.getpid()}"
+    try:
+        yield fresh_host(ssh_host, tmp_path, name)
     finally:
         stop_provision_host(name)
 
@@ -54,10 +74,11 @@ def env_of(target) -> dict[str, str]:
     return parse_env(target.exec(f"cat {ROOT}/.env").stdout)
 
 
-def test_provision_refuses_a_firewall_that_would_lock_out_this_session(ssh_host, target,
+def test_provision_refuses_a_firewall_that_would_lock_out_this_session(ssh_host, fresh,
                                                                        tmp_path):
     """sshd answers on 22 in there; with provision.ssh_port 2222, ufw would shut us out."""
-    wrong = write_config(tmp_path / "maicivy.yaml",
+    target = fresh
+    wrong = write_config(tmp_path / "wrong.yaml",
                          {"provision": {**OVERRIDES["provision"], "ssh_port": 2222}},
                          [str(target.known_hosts)])
     proc = fab(ssh_host, wrong, "provision", host=target.target, timeout=300)
@@ -70,8 +91,8 @@ def test_provision_refuses_a_firewall_that_would_lock_out_this_session(ssh_host,
     assert "Status: active" not in target.exec("ufw status", check=False).stdout
 
 
-def test_first_provision_sets_up_the_fresh_server(ssh_host, target):
-    proc = provision(ssh_host, target)
+def test_first_provision_sets_up_the_fresh_server(target):
+    proc = target.first
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
     # Packages were all there (pre-installed): no apt-get, no package mirror.
@@ -173,13 +194,21 @@ def test_set_values_are_kept_and_only_missing_secrets_generated(ssh_host, target
 
 
 def test_failed_pip_install_reports_its_cause(ssh_host, target, tmp_path):
-    """Last: it leaves other pip options in the server's settings file. The index is
-    the host's own loopback, where nothing listens."""
+    """The index is the host's own loopback, where nothing listens. The install
+    marker and the settings file this run changes are put back afterwards."""
     config = write_config(tmp_path / "offline.yaml", {"provision": {
         "pip_options": "--index-url http://127.0.0.1:9/simple --retries 0"}},
         [str(target.known_hosts)])
+    kept = {f"{ROOT}/ops/.venv/.maicivy-installed": "/root/installed.kept",
+            SETTINGS_PATH: "/root/settings.kept"}
+    for path, copy in kept.items():
+        target.exec(f"cp -p {path} {copy}")
     target.exec(f"rm -f {ROOT}/ops/.venv/.maicivy-installed")
-    proc = fab(ssh_host, config, "provision", host=target.target, timeout=900)
+    try:
+        proc = fab(ssh_host, config, "provision", host=target.target, timeout=900)
+    finally:
+        for path, copy in kept.items():
+            target.exec(f"mv -f {copy} {path}")
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out
     failed = next(line for line in out.splitlines() if "FAILED: installing maicivy-ops" in line)

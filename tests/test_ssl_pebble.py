@@ -5,12 +5,19 @@ DNS (pebble-challtestsrv) sends the test names to 127.0.0.1 and it connects to
 the stack's published HTTP port, i.e. to the nginx container serving the
 certbot webroot. certbot runs on the "server" (this machine, reached through
 the rig's sshd); the tasks run through the real fab and inv CLIs.
+
+One stack and one pebble for the module: the fixtures record what nginx
+served at first boot and run the first ``ssl.obtain``, so that the tests,
+which check those and what follows, run in any order.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 from conftest import free_port
@@ -45,9 +52,19 @@ def stack(ssh_host, tmp_path_factory, pebble):
     )
     try:
         rig.up()
+        rig.first_boot = {n: served_certificate(rig.settings.publish.https, n)
+                          for n in (SITE, GRAFANA)}
         yield rig
     finally:
         rig.down()
+
+
+@pytest.fixture(scope="module")
+def obtained(stack, pebble):
+    """The first ``fab ssl.obtain`` of the stack, with nginx's identity around it."""
+    before = nginx_identity(stack)
+    proc = fab(stack, "ssl.obtain")
+    return proc, before, nginx_identity(stack)
 
 
 def nginx_identity(stack) -> tuple[str, str]:
@@ -59,6 +76,27 @@ def nginx_identity(stack) -> tuple[str, str]:
     return started, pid.stdout.strip()
 
 
+@contextlib.contextmanager
+def acme_server_gone(stack, pebble):
+    """The lineages' ACME server stops answering: their renewal files name a port where
+    nothing listens (certbot's account copied there), put back afterwards; pebble
+    itself keeps running for the other tests."""
+    config = Path(tls.certbot_dirs(stack.settings)["config"])
+    old = pebble.directory_url.split("/")[2]
+    gone = f"127.0.0.1:{free_port()}"
+    confs = {p: p.read_text() for p in (config / "renewal").glob("*.conf")}
+    assert len(confs) == 2 and all(f"server = https://{old}/dir" in t for t in confs.values())
+    shutil.copytree(config / "accounts" / old, config / "accounts" / gone)
+    try:
+        for path, text in confs.items():
+            path.write_text(text.replace(f"https://{old}/dir", f"https://{gone}/dir"))
+        yield
+    finally:
+        for path, text in confs.items():
+            path.write_text(text)
+        shutil.rmtree(config / "accounts" / gone)
+
+
 def lineage_serial(stack, name: str) -> str:
     path = f"{tls.live_dir(stack.settings, name)}/cert.pem"
     out = subprocess.run(["openssl", "x509", "-in", path, "-noout", "-serial"],
@@ -68,13 +106,12 @@ def lineage_serial(stack, name: str) -> str:
 
 def test_first_boot_serves_a_self_signed_stand_in(stack):
     for name in (SITE, GRAFANA):
-        cert = served_certificate(stack.settings.publish.https, name)
+        cert = stack.first_boot[name]
         assert cert["issuer"] == cert["subject"] == f"CN={name}"
 
 
-def test_obtain_gets_certificates_through_the_nginx_webroot_and_reloads_nginx(stack, pebble):
-    before = nginx_identity(stack)
-    proc = fab(stack, "ssl.obtain")
+def test_obtain_gets_certificates_through_the_nginx_webroot_and_reloads_nginx(stack, obtained):
+    proc, before, after = obtained
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"new certificates, installed for nginx (reloaded): {SITE}, {GRAFANA}" in proc.stdout
     for name in (SITE, GRAFANA):
@@ -85,10 +122,10 @@ def test_obtain_gets_certificates_through_the_nginx_webroot_and_reloads_nginx(st
     # pebble fetched the challenges through nginx (its access log), over plain HTTP
     logs = stack.host.check(stack.compose("logs", "--no-log-prefix", "nginx")).stdout
     assert logs.count('"GET /.well-known/acme-challenge/') >= 2
-    assert nginx_identity(stack) == before  # reloaded, not restarted
+    assert after == before  # reloaded, not restarted
 
 
-def test_status_shows_issuer_expiry_and_days_left(stack):
+def test_status_shows_issuer_expiry_and_days_left(stack, obtained):
     proc = fab(stack, "ssl.status", "--json")
     assert proc.returncode == 0, proc.stderr
     served = {c["domain"]: c for c in json.loads(proc.stdout) if c["source"] == "served"}
@@ -102,7 +139,7 @@ def test_status_shows_issuer_expiry_and_days_left(stack):
     assert any(line.startswith(SITE) and "Pebble Intermediate CA" in line for line in table)
 
 
-def test_obtain_dry_run_shows_the_certbot_commands_and_changes_nothing(stack):
+def test_obtain_dry_run_shows_the_certbot_commands_and_changes_nothing(stack, obtained):
     serials = {n: lineage_serial(stack, n) for n in (SITE, GRAFANA)}
     proc = fab(stack, "ssl.obtain", "--force", "--dry-run")
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -112,7 +149,7 @@ def test_obtain_dry_run_shows_the_certbot_commands_and_changes_nothing(stack):
     assert {n: lineage_serial(stack, n) for n in (SITE, GRAFANA)} == serials
 
 
-def test_obtain_again_keeps_the_certificates_that_are_not_due(stack):
+def test_obtain_again_keeps_the_certificates_that_are_not_due(stack, obtained):
     serials = {n: lineage_serial(stack, n) for n in (SITE, GRAFANA)}
     proc = inv(stack, "ssl.obtain")
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -120,7 +157,7 @@ def test_obtain_again_keeps_the_certificates_that_are_not_due(stack):
     assert {n: lineage_serial(stack, n) for n in (SITE, GRAFANA)} == serials
 
 
-def test_forced_renewal_is_served_without_restarting_nginx(stack):
+def test_forced_renewal_is_served_without_restarting_nginx(stack, obtained):
     before = nginx_identity(stack)
     old = {n: served_certificate(stack.settings.publish.https, n)["serial"]
            for n in (SITE, GRAFANA)}
@@ -134,7 +171,7 @@ def test_forced_renewal_is_served_without_restarting_nginx(stack):
     assert nginx_identity(stack) == before
 
 
-def test_renew_that_is_not_due_changes_nothing(stack):
+def test_renew_that_is_not_due_changes_nothing(stack, obtained):
     serial = served_certificate(stack.settings.publish.https, SITE)["serial"]
     proc = fab(stack, "ssl.renew")
     assert proc.returncode == 0, proc.stderr
@@ -142,13 +179,14 @@ def test_renew_that_is_not_due_changes_nothing(stack):
     assert served_certificate(stack.settings.publish.https, SITE)["serial"] == serial
 
 
-def test_failed_renewal_exits_non_zero_and_the_current_certificate_keeps_serving(stack, pebble):
+def test_failed_renewal_exits_non_zero_and_the_current_certificate_keeps_serving(
+        stack, pebble, obtained):
     serving = {n: served_certificate(stack.settings.publish.https, n)["serial"]
                for n in (SITE, GRAFANA)}
     files = {n: stack.host.read_file(f"{tls.cert_dir(stack.settings, n)}/fullchain.pem")
              for n in (SITE, GRAFANA)}
-    pebble.stop()  # the ACME server is gone
-    proc = inv(stack, "ssl.renew", "--force")
+    with acme_server_gone(stack, pebble):
+        proc = inv(stack, "ssl.renew", "--force")
     assert proc.returncode != 0
     assert proc.stderr.startswith("error: certbot renew failed")
     assert "the current certificates keep serving" in proc.stderr

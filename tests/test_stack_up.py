@@ -20,15 +20,15 @@ SERVICES = {"postgres", "redis", "backend", "frontend", "nginx", "prometheus", "
 def stack(ssh_host, tmp_path_factory):
     rig = StackRig(ssh_host, tmp_path_factory.mktemp("stackup"), "maicivyup")
     try:
+        rig.prepare()
+        rig.run(rig.compose("pull", "--quiet"), timeout=600)
+        rig.up()
         yield rig
     finally:
         rig.down()
 
 
 def test_all_nine_services_come_up_healthy_over_ssh(stack):
-    stack.prepare()
-    stack.run(stack.compose("pull", "--quiet"), timeout=600)
-    stack.up()
     health = stack.service_health()
     assert set(health) == SERVICES
     assert health == {name: "healthy" for name in SERVICES}
