@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -22,7 +23,9 @@ BACKEND_ROWS = {"backend /health", "backend /health/deep", "service backend"}
 
 @pytest.fixture(scope="module")
 def stack(ssh_host, tmp_path_factory):
-    rig = StackRig(ssh_host, tmp_path_factory.mktemp("healthstack"), "maicivyhealth",
+    # (the pid: parallel runs on one Docker)
+    rig = StackRig(ssh_host, tmp_path_factory.mktemp("healthstack"),
+                   f"maicivyhealth{os.getpid()}",
                    health={"timeout_seconds": TIMEOUT, "disk_warn_percent": 98,
                            "disk_critical_percent": 99})
     try:

@@ -11,6 +11,7 @@ configuration it starts from (``live``), so they run in any order.
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import pytest
@@ -29,7 +30,9 @@ CHANGED = {"prometheus": {"scrape_interval": "2s"}, "alerts": {"error_rate_perce
 
 @pytest.fixture(scope="module")
 def stack(ssh_host, tmp_path_factory):
-    rig = StackRig(ssh_host, tmp_path_factory.mktemp("monstack"), "maicivymon",
+    # (the pid: parallel runs on one Docker)
+    rig = StackRig(ssh_host, tmp_path_factory.mktemp("monstack"),
+                   f"maicivymon{os.getpid()}",
                    prometheus={"scrape_interval": "1s"})
     try:
         rig.up()

@@ -38,7 +38,9 @@ SECURITY_HEADERS = {
 
 @pytest.fixture(scope="module")
 def stack(ssh_host, tmp_path_factory):
-    rig = StackRig(ssh_host, tmp_path_factory.mktemp("nginxstack"), "maicivynginx",
+    # (the pid: parallel runs on one Docker)
+    rig = StackRig(ssh_host, tmp_path_factory.mktemp("nginxstack"),
+                   f"maicivynginx{os.getpid()}",
                    rate_limit=RATE)
     try:
         rig.up()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -45,7 +46,7 @@ def stack(ssh_host, tmp_path_factory, pebble):
         pytest.fail("certbot not found on the server: apt-get install certbot")
     tmp = tmp_path_factory.mktemp("sslstack")
     rig = StackRig(
-        ssh_host, tmp, "maicivyssl",
+        ssh_host, tmp, f"maicivyssl{os.getpid()}",
         publish={"bind": "127.0.0.1", "http": pebble.http_port, "https": free_port()},
         tls={"acme_server": pebble.directory_url, "ca_bundle": str(pebble.ca_bundle),
              "email": "ops@maicivy.test", "letsencrypt_dir": str(tmp / "letsencrypt")},

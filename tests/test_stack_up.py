@@ -7,10 +7,14 @@ and the default render: all 8 services reach "healthy" with
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from stack_rig import StackRig
 
 pytestmark = pytest.mark.rig
+
+PROJECT = f"maicivyup{os.getpid()}"  # (parallel runs on one Docker)
 
 SERVICES = {"postgres", "redis", "backend", "frontend", "nginx", "prometheus", "grafana",
             "node-exporter", "alertmanager"}
@@ -18,7 +22,7 @@ SERVICES = {"postgres", "redis", "backend", "frontend", "nginx", "prometheus", "
 
 @pytest.fixture(scope="module")
 def stack(ssh_host, tmp_path_factory):
-    rig = StackRig(ssh_host, tmp_path_factory.mktemp("stackup"), "maicivyup")
+    rig = StackRig(ssh_host, tmp_path_factory.mktemp("stackup"), PROJECT)
     try:
         rig.prepare()
         rig.run(rig.compose("pull", "--quiet"), timeout=600)
@@ -51,7 +55,7 @@ def test_no_secret_in_any_container_command_line(stack):
     ps = stack.host.check("ps -eo args").stdout
     inspect = stack.host.check(
         "docker inspect --format '{{.Path}} {{join .Args \" \"}}' "
-        "$(docker ps -q --filter label=com.docker.compose.project=maicivyup)").stdout
+        f"$(docker ps -q --filter label=com.docker.compose.project={PROJECT})").stdout
     for secret in secrets:
         assert secret not in ps
         assert secret not in inspect
