@@ -273,3 +273,66 @@ def test_progress_on_a_terminal_shows_a_live_line_then_the_step_line():
     text = out.getvalue()
     assert "\r\033[Khealth gate: 2 of 8 healthy (0s)" in text
     assert text.endswith("\r\033[Khealth gate: failed after 0.0s\n")
+
+
+# --- doctor's facts script, run for real with fake tools ----------------------------------
+
+
+def test_doctor_facts_script_gathers_every_fact_with_fake_tools(tmp_path):
+    from fake_tools import fake_path, run
+
+    root, backups = tmp_path / "srv", tmp_path / "backups"
+    s = settings(root=str(root), domain="maicivy.test", grafana_domain="grafana.maicivy.test",
+                 backup={"dir": str(backups)})
+    (backups / "postgres").mkdir(parents=True)
+    (backups / "postgres" / "p1.json").write_text('{"offsite": {"key": "x"}}\n')
+    (root / "state").mkdir(parents=True)
+    root.joinpath(".env").write_text('POSTGRES_PASSWORD="pw"\nREDIS_PASSWORD=CHANGE_ME\n'
+                                     "POSTGRES_USER=app\nPOSTGRES_DB=\n")
+    os.chmod(root / ".env", 0o600)
+    env = fake_path(
+        tmp_path,
+        docker=f"""case "$1 $2" in
+  "info --format") echo {tmp_path};;
+  "version --format") echo 27.3.1;;
+  "compose version") echo 2.29.7;;
+  "ps --format") echo 'p-nginx-1|maicivy|nginx|0.0.0.0:443->443/tcp';;
+  *) exit 1;;
+esac""",
+        timedatectl="echo yes", hostname="echo 203.0.113.5 2001:db8::5",
+        getent='echo "203.0.113.5     STREAM $2"; echo "203.0.113.5     DGRAM"',
+        ufw="echo 'Status: active'; echo; echo 'To Action From'")
+    r = run(doctor.facts_command(s), env)
+    assert r.returncode == 0 and r.stderr == ""
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("@@now ") and lines[1] == "@@df"
+    assert lines[2:5] == [f"@@path {tmp_path}", f"@@path {root}", f"@@path {backups}"]
+    for line in ("@@docker 27.3.1", "@@compose 2.29.7", "@@ntp yes",
+                 "@@addresses 203.0.113.5 2001:db8::5", "@@dns maicivy.test 203.0.113.5 ",
+                 "@@dns grafana.maicivy.test 203.0.113.5 ", "@@ports",
+                 "p-nginx-1|maicivy|nginx|0.0.0.0:443->443/tcp", "@@ufw Status: active",
+                 "@@cert maicivy.test", "@@cert grafana.maicivy.test",
+                 "@@backup redis none", f"@@env 600 {os.environ.get('USER') or 'root'}",
+                 "@@unset REDIS_PASSWORD", "@@unset POSTGRES_DB", "@@journal"):
+        assert line in lines, line
+    backup = [ln for ln in lines if ln.startswith("@@backup postgres ")]
+    assert backup[0].split()[3:] == ["1", f"{backups}/postgres/p1.json"]
+    facts = doctor.parse_facts(r.stdout)
+    assert facts["paths"] == [str(tmp_path), str(root), str(backups)]
+    assert len(facts["df"]) == 3 and len(facts["inodes"]) == 3
+    assert facts["mem"]["MemTotal"] > 0 and facts["unset"] == [
+        "REDIS_PASSWORD", "GF_SECURITY_ADMIN_PASSWORD", "POSTGRES_DB"]
+    assert facts["holder"] == [] and facts["journal"] == []
+
+
+def test_doctor_facts_script_without_docker_or_env_file(tmp_path):
+    from fake_tools import fake_path, run
+
+    s = settings(root=str(tmp_path / "none"), backup={"dir": str(tmp_path / "none2")})
+    env = fake_path(tmp_path, docker="exit 1", timedatectl="exit 1", ufw="exit 1")
+    r = run(doctor.facts_command(s), env)
+    assert r.returncode == 0
+    facts = doctor.parse_facts(r.stdout)
+    assert facts["paths"] == [] and facts["docker"] == "" and facts["compose"] == ""
+    assert facts["env"] == "missing" and facts["backups"] == {"postgres": ["none"],
+                                                              "redis": ["none"]}
