@@ -1,7 +1,8 @@
 """doctor: a preflight of the server, before the first deploy and when in doubt.
 
-One read-only script (scripts/doctor-facts.sh) gathers the facts on the server (one round trip); pure
-functions below judge them. Each line is ok / warn / fail with what to do.
+One read-only script (scripts/doctor-facts.sh) gathers the facts on the
+server (one round trip); pure functions below judge them. Each line is ok /
+warn / fail with what to do.
 Nothing is changed.
 """
 

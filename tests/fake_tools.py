@@ -30,7 +30,10 @@ def calls(tmp_path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
-def run(command: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
-    """``command`` as a Host would run it (``bash -c``), with ``env``."""
-    return subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True,
+def run(command: str, env: dict[str, str], timeout: float = 60,
+        merged: bool = False) -> subprocess.CompletedProcess:
+    """``command`` as a Host would run it (``bash -c``), with ``env``; ``merged``:
+    stderr into stdout, as the health probes capture it."""
+    return subprocess.run(["bash", "-c", command], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT if merged else subprocess.PIPE, text=True,
                           timeout=timeout)
