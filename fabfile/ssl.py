@@ -184,23 +184,6 @@ class CertInfo:
         return {**asdict(self), "self_signed": self.self_signed}
 
 
-_X509_FIELDS = "-noout -serial -issuer -subject -enddate -nameopt RFC2253"
-
-
-def served_cert_command(settings: Settings, domain: str, timeout: float = PROBE_TIMEOUT) -> str:
-    """Print the certificate nginx presents for ``domain`` (SNI) on the HTTPS port."""
-    target = _hostport(local_address(settings), settings.publish.https)
-    return (f"timeout {timeout:g} openssl s_client -connect {shlex.quote(target)} "
-            f"-servername {shlex.quote(domain)} </dev/null 2>/dev/null "
-            f"| openssl x509 {_X509_FIELDS}")
-
-
-def file_cert_command(settings: Settings, domain: str) -> str:
-    """Print the certificate file nginx loads for ``domain`` (on its next reload)."""
-    path = f"{cert_dir(settings, domain)}/fullchain.pem"
-    return f"openssl x509 -in {shlex.quote(path)} {_X509_FIELDS}"
-
-
 def cert_probe_command(settings: Settings, timeout: float = PROBE_TIMEOUT) -> str:
     """The command printing the served and on-disk certificate of every name."""
     target = _hostport(local_address(settings), settings.publish.https)
