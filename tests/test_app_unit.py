@@ -336,3 +336,91 @@ def test_doctor_facts_script_without_docker_or_env_file(tmp_path):
     assert facts["paths"] == [] and facts["docker"] == "" and facts["compose"] == ""
     assert facts["env"] == "missing" and facts["backups"] == {"postgres": ["none"],
                                                               "redis": ["none"]}
+
+
+# --- app's server scripts, run for real with fake tools ------------------------------------
+
+
+def test_status_script_reads_containers_images_release_lock_and_flag(tmp_path):
+    from fake_tools import calls, fake_path, run
+
+    s = settings(root=str(tmp_path), compose_project="maicivyprod")
+    (tmp_path / ".deploy").mkdir()
+    (tmp_path / ".deploy/current").write_text("20260101T000000Z\n")
+    flag = tmp_path / "docker/nginx/maintenance/on"
+    flag.parent.mkdir(parents=True)
+    flag.write_text("since 2026-01-01T00:00:00Z by bob\nsecond line\n")
+    env = fake_path(tmp_path, docker="""case "$1 $2 $3" in
+  "ps -aq --filter") echo c1; echo c2;;
+  "inspect --format @@c"*)
+    echo "@@c backend|/p-backend-1|running|healthy|reg/backend:v1|sha256:aaa|T|0|0|"
+    echo "@@c nginx|/p-nginx-1|running|healthy|nginx:1|sha256:ccc|T|0|0|";;
+  "inspect --format {{.Image}}") echo sha256:ccc; echo sha256:aaa; echo sha256:aaa;;
+  "image inspect --format") echo "@@i $5|";;
+  *) exit 99;;
+esac""")
+    r = run(app.status_command(s), env)
+    assert r.returncode == 0 and r.stderr == ""
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("@@now ") and lines[1:] == [
+        "@@c backend|/p-backend-1|running|healthy|reg/backend:v1|sha256:aaa|T|0|0|",
+        "@@c nginx|/p-nginx-1|running|healthy|nginx:1|sha256:ccc|T|0|0|",
+        "@@i sha256:aaa|", "@@i sha256:ccc|",
+        "@@release 20260101T000000Z",
+        "@@maintenance since 2026-01-01T00:00:00Z by bob"]
+    assert calls(tmp_path)[0] == ("docker ps -aq --filter label=com.docker.compose.project="
+                                  "maicivyprod --filter label=com.docker.compose.oneoff=False")
+    st = app.parse_status(r.stdout, "vps")
+    assert st.maintenance == "since 2026-01-01T00:00:00Z by bob"
+
+
+def test_status_script_with_no_containers(tmp_path):
+    from fake_tools import calls, fake_path, run
+
+    s = settings(root=str(tmp_path))
+    r = run(app.status_command(s), fake_path(tmp_path, docker="true"))
+    assert r.returncode == 0 and r.stdout.splitlines()[1:] == ["@@release "]
+    assert len(calls(tmp_path)) == 1
+
+
+WAIT_DOCKER = """case "$1" in
+  compose) [ -n "${CONTAINER:-}" ] && echo "$CONTAINER";;
+  inspect) echo "$STATE";;
+esac"""
+
+
+def test_wait_healthy_says_the_state_it_ended_on(tmp_path):
+    from fake_tools import calls, fake_path, run
+
+    s = settings(compose_project="maicivyprod")
+    env = fake_path(tmp_path, docker=WAIT_DOCKER)
+    cases = [({"CONTAINER": "c1", "STATE": "running healthy"}, 0, "== status running healthy"),
+             ({"CONTAINER": "c1", "STATE": "running none"}, 0, "== status running none"),
+             ({"CONTAINER": "c1", "STATE": "running unhealthy"}, 4,
+              "== status running unhealthy"),
+             ({"CONTAINER": "c1", "STATE": "exited 0"}, 4, "== status exited 0"),
+             ({"STATE": ""}, 5, "== status no container (timed out)")]
+    for extra, code, line in cases:
+        r = run(app.wait_healthy_cmd(s, "redis", 0), {**env, **extra})
+        assert (r.returncode, r.stdout.splitlines()) == (code, [line])
+    assert calls(tmp_path)[0] == (f"docker compose --project-name maicivyprod --env-file "
+                                  f"{s.env_file} -f {s.compose_file} ps -q redis")
+
+
+def test_probe_site_reads_the_status_code_and_retry_after(tmp_path):
+    from fake_tools import calls, fake_path, run
+
+    s = settings(domain="maicivy.test", publish={"bind": "::", "https": 8443})
+    curl = """case "$*" in
+  *" -D - "*) printf 'HTTP/2 503\\r\\nretry-after: 120\\r\\ncontent-type: text/html\\r\\n\\r\\n';;
+  *) printf 200;;
+esac"""
+    r = run(app.probe_site_cmd(s), fake_path(tmp_path, curl=curl))
+    assert r.stdout.splitlines() == ["site 503 120", "health 200"]
+    assert calls(tmp_path) == [
+        "curl -sk -o /dev/null -D - --max-time 10 --resolve maicivy.test:8443:[::1] "
+        "https://maicivy.test:8443/",
+        "curl -sk -o /dev/null -w %{http_code} --max-time 10 --resolve "
+        "maicivy.test:8443:[::1] https://maicivy.test:8443/health"]
+    r = run(app.probe_site_cmd(s), fake_path(tmp_path, curl="exit 7"))
+    assert r.stdout.splitlines() == ["site 000 -", "health "]
