@@ -254,6 +254,41 @@ def test_deploy_hook_leaves_certificates_of_other_sites_alone(hook_env):
     assert not Path(tls.cert_dir(s, "someone-else.example.org")).exists()
 
 
+# --- self-signed stand-ins (stack.ensure_certificates) --------------------------------
+
+
+def test_stand_in_certificates_are_made_once_for_names_without_one(tmp_path):
+    from invoke import Context
+
+    from fabfile.host import Host
+    from fabfile.stack import ensure_certificates
+
+    s = settings(root=str(tmp_path), domain="maicivy.test", grafana_domain="grafana.maicivy.test",
+                 )
+    keep = Path(tls.cert_dir(s, "grafana.maicivy.test"))
+    make_cert(keep, "grafana.maicivy.test")
+    before = (keep / "fullchain.pem").read_bytes()
+    host = Host(Context())
+    assert ensure_certificates(host, s) == ["maicivy.test"]
+    made = Path(tls.cert_dir(s, "maicivy.test"))
+    assert sorted(p.name for p in made.iterdir()) == ["fullchain.pem", "privkey.pem"]
+    assert (made / "privkey.pem").stat().st_mode & 0o777 == 0o600
+    assert (keep / "fullchain.pem").read_bytes() == before
+    assert ensure_certificates(host, s) == []
+
+
+def test_a_stand_in_that_cannot_be_made_fails_and_leaves_nothing_half_written(tmp_path):
+    from fake_tools import fake_path, run
+
+    from fabfile.stack import SELF_SIGNED
+
+    env = fake_path(tmp_path, openssl="echo 'openssl: no entropy' >&2; exit 1")
+    r = run(SELF_SIGNED.command(30, tmp_path / "certs", "a.test", "b.test"), env)
+    assert (r.returncode, r.stdout, r.stderr) == (1, "", "")
+    assert list((tmp_path / "certs").iterdir()) == [tmp_path / "certs/a.test"]
+    assert list((tmp_path / "certs/a.test").iterdir()) == []
+
+
 # --- reading certificates ----------------------------------------------------------
 
 
