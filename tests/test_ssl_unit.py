@@ -263,8 +263,7 @@ def test_stand_in_certificates_are_made_once_for_names_without_one(tmp_path):
     from fabfile.host import Host
     from fabfile.stack import ensure_certificates
 
-    s = settings(root=str(tmp_path), domain="maicivy.test", grafana_domain="grafana.maicivy.test",
-                 )
+    s = settings(root=str(tmp_path), domain="maicivy.test", grafana_domain="grafana.maicivy.test")
     keep = Path(tls.cert_dir(s, "grafana.maicivy.test"))
     make_cert(keep, "grafana.maicivy.test")
     before = (keep / "fullchain.pem").read_bytes()
