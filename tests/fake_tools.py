@@ -3,8 +3,8 @@
 ``fake_path(tmp_path, docker="...", curl="...")`` writes each body as an
 executable bash script into ``tmp_path/bin`` (with ``set -u``; ``$*`` is what it
 was called with) and returns an environment with that directory first on PATH.
-Every call is appended to ``bin/calls`` as ``NAME ARGS...`` so a test can say
-what ran.
+Every call is appended to ``bin/calls`` as ``NAME ARGS...`` (newlines as ``\\n``)
+so a test can say what ran.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ def fake_path(tmp_path: Path, **tools: str) -> dict[str, str]:
     for name, body in tools.items():
         tool = bin_dir / name.replace("_", "-")
         tool.write_text("#!/usr/bin/env bash\nset -u\n"
-                        f'echo "{tool.name} $*" >> {str(bin_dir / "calls")!r}\n' + body + "\n")
+                        f'call="{tool.name} $*"; echo "${{call//$\'\\n\'/\\\\n}}" '
+                        f'>> {str(bin_dir / "calls")!r}\n' + body + "\n")
         tool.chmod(0o755)
     return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "LC_ALL": "C"}
 

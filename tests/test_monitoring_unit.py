@@ -220,3 +220,74 @@ def test_paths_used_by_push_are_all_under_the_stack_root(tmp_path):
     s = settings(root=str(tmp_path))
     for rel in monitoring.monitoring_files(s):
         assert not Path(rel).is_absolute() and ".." not in rel
+
+
+# --- push_files, run here (local Host) with a fake docker ---------------------------------
+
+PUSH_DOCKER = """case "$*" in
+  *"--entrypoint promtool"*) [ "${PROMTOOL:-0}" = 0 ] || { echo "FAILED: bad rule" >&2; exit 1; };;
+  *"exec -T prometheus"*) ;;
+  *"exec -T grafana"*) echo "datasources 200"; echo "dashboards ${GRAFANA:-200}"
+                        [ "${GRAFANA:-200}" = 200 ];;
+  *) echo "unexpected docker $*" >&2; exit 99;;
+esac"""
+
+
+def push_setup(tmp_path, monkeypatch, **env):
+    from invoke import Context
+
+    from fabfile.host import Host
+
+    root = tmp_path / "srv"
+    (root / "monitoring/prometheus").mkdir(parents=True)
+    (root / "monitoring/prometheus/prometheus.yml").write_text("old: 1\n")
+    for key, value in {**fake_path(tmp_path, docker=PUSH_DOCKER), **env}.items():
+        monkeypatch.setenv(key, value)
+    files = {"monitoring/prometheus/prometheus.yml": b"new: 2\n",
+             "monitoring/grafana/dashboards/new.json": b"{}\n"}
+    return settings(root=str(root)), Host(Context()), root, files
+
+
+def docker_calls(tmp_path):
+    """What each docker call ran: promtool/amtool, or the service it exec'd into."""
+    return [c.split()[6] if " --entrypoint " in c else c.split(" exec -T ")[-1].split()[0]
+            for c in calls(tmp_path)]
+
+
+def test_push_installs_what_changed_and_reloads_prometheus_and_grafana(tmp_path, monkeypatch):
+    s, host, root, files = push_setup(tmp_path, monkeypatch)
+    result = monitoring.push_files(host, s, files)
+    assert result.changed == sorted(files)
+    assert (result.prometheus_reloaded, result.grafana_reloaded,
+            result.alertmanager_reloaded) == (True, True, False)
+    assert (root / "monitoring/prometheus/prometheus.yml").read_text() == "new: 2\n"
+    assert docker_calls(tmp_path) == ["promtool", "prometheus", "grafana"]
+    assert calls(tmp_path)[1].endswith(
+        " exec -T prometheus wget -q -O - --post-data= http://127.0.0.1:9090/-/reload")
+    assert calls(tmp_path)[2].endswith(" monitoring-grafana-reload.sh 3000")
+    assert list((root / "monitoring/.staging").iterdir()) == []
+    again = monitoring.push_files(host, s, files)
+    assert again.changed == [] and len(calls(tmp_path)) == 3
+
+
+def test_push_puts_the_previous_files_back_when_grafana_refuses(tmp_path, monkeypatch):
+    s, host, root, files = push_setup(tmp_path, monkeypatch, GRAFANA="401")
+    with pytest.raises(OpsError) as err:
+        monitoring.push_files(host, s, files)
+    assert str(err.value) == ("Grafana did not reload its provisioning: datasources 200; "
+                              "dashboards 401; the previous monitoring files were put back")
+    assert (root / "monitoring/prometheus/prometheus.yml").read_text() == "old: 1\n"
+    assert not (root / "monitoring/grafana/dashboards/new.json").exists()
+    assert docker_calls(tmp_path) == ["promtool", "prometheus", "grafana", "prometheus"]
+    assert list((root / "monitoring/.staging").iterdir()) == []
+
+
+def test_push_changes_nothing_when_promtool_rejects(tmp_path, monkeypatch):
+    s, host, root, files = push_setup(tmp_path, monkeypatch, PROMTOOL="1")
+    with pytest.raises(OpsError) as err:
+        monitoring.push_files(host, s, files)
+    assert str(err.value) == ("promtool rejects the new Prometheus configuration: "
+                              "FAILED: bad rule; nothing was changed on the server")
+    assert (root / "monitoring/prometheus/prometheus.yml").read_text() == "old: 1\n"
+    assert len(calls(tmp_path)) == 1
+    assert list((root / "monitoring/.staging").iterdir()) == []
