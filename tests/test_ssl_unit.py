@@ -204,6 +204,19 @@ def test_deploy_hook_puts_the_previous_certificate_back_when_nginx_rejects_the_n
     assert not any("reload" in c for c in calls(tmp))
 
 
+def test_the_hook_without_its_arguments_says_what_installs_the_certificate(hook_env):
+    s, tmp = hook_env
+    lineage = tmp / "le" / "live" / "maicivy.test"
+    make_cert(lineage, "maicivy.test")
+    proc = subprocess.run([tls.hook_path(s)], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "RENEWED_LINEAGE": str(lineage)})
+    assert (proc.returncode, proc.stdout) == (1, "")
+    assert proc.stderr == ("maicivy deploy hook: run without the stack's values (certbot's "
+                           "stored hook is older than this one); ssl.renew installs the "
+                           "certificate for nginx\n")
+    assert not Path(tls.cert_dir(s, "maicivy.test")).exists()
+
+
 def test_the_hook_says_how_certbot_runs_it_when_run_by_hand(hook_env):
     s, tmp = hook_env
     proc = subprocess.run(["sh", "-c", tls.hook_command(s)], capture_output=True, text=True,

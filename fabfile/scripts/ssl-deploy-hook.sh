@@ -9,6 +9,12 @@
 # configuration and reloads nginx (no restart). If nginx rejects the new files,
 # the previous ones are restored.
 set -euo pipefail
+if [ $# -lt 4 ]; then
+  # a renewal configuration written before the hook took arguments
+  echo "maicivy deploy hook: run without the stack's values (certbot's stored hook is" \
+       "older than this one); ssl.renew installs the certificate for nginx" >&2
+  exit 1
+fi
 certs=$1 project=$2 env_file=$3 compose_file=$4
 shift 4
 lineage="${RENEWED_LINEAGE:?this hook is run by certbot, with RENEWED_LINEAGE set}"
