@@ -30,7 +30,7 @@ from .config import DEFAULTS, Settings
 from .core import host_for, ops_task, settings_for
 from .errors import OpsError
 from .host import Host
-from .shell import q, script, words
+from .shell import q, script
 from .stack import cert_dir, compose, ensure_certificates
 
 LE_PRODUCTION = DEFAULTS["tls"]["acme_server"]
@@ -98,12 +98,22 @@ def deploy_hook_script(settings: Settings) -> str:
     return DEPLOY_HOOK.text
 
 
+def hook_values_path(settings: Settings) -> str:
+    return f"{settings.root}/ssl/deploy-hook.values"
+
+
+def hook_values(settings: Settings) -> str:
+    """What the hook reads beside itself, one value per line: the certificates'
+    directory, the stack's compose project/env/file and its lineages (certbot
+    stores the hook's path only, so the values cannot be its arguments)."""
+    return "".join(f"{v}\n" for v in (cert_dir(settings, "").rstrip("/"),
+                                      settings.compose_project, settings.env_file,
+                                      settings.compose_file, *lineages(settings)))
+
+
 def hook_command(settings: Settings) -> str:
-    """The command certbot runs as its deploy hook (in a shell): the hook with the
-    certificates' directory, the stack's compose project/env/file and its lineages."""
-    return words(hook_path(settings), cert_dir(settings, "").rstrip("/"),
-                 settings.compose_project, settings.env_file, settings.compose_file,
-                 *lineages(settings))
+    """The command certbot runs as its deploy hook (in a shell), as certbot stores it."""
+    return q(hook_path(settings))
 
 
 def _certbot(settings: Settings, *args: str) -> str:
@@ -340,6 +350,7 @@ def install_hook(host: Host, settings: Settings) -> None:
     paths = [settings.tls.webroot, dirs["config"], dirs["work"], dirs["logs"],
              hook_path(settings).rsplit("/", 1)[0]]
     host.run("mkdir -p " + " ".join(shlex.quote(p) for p in paths), sudo=True)
+    host.write_file(hook_values_path(settings), hook_values(settings), mode=0o644, sudo=True)
     host.write_file(hook_path(settings), deploy_hook_script(settings), mode=0o755, sudo=True)
 
 

@@ -47,8 +47,10 @@ def test_obtain_command_is_a_webroot_certonly_against_the_configured_server():
     assert pairs["--config-dir"] == "/srv/le"
     assert pairs["--work-dir"] == "/srv/le/work"
     assert pairs["--logs-dir"] == "/srv/le/logs"
-    assert argv(pairs["--deploy-hook"]) == [
-        "/opt/maicivy/ssl/deploy-hook.sh", "/opt/maicivy/docker/nginx/certs", "maicivy",
+    # the hook's path only (certbot stores it for renewals); its values beside it
+    assert argv(pairs["--deploy-hook"]) == ["/opt/maicivy/ssl/deploy-hook.sh"]
+    assert tls.hook_values(settings()).splitlines() == [
+        "/opt/maicivy/docker/nginx/certs", "maicivy",
         "/opt/maicivy/.env", "/opt/maicivy/docker/docker-compose.prod.yml",
         "maicivy.example.com", "grafana.maicivy.example.com"]
     assert {"--webroot", "--non-interactive", "--agree-tos", "--keep-until-expiring"} <= set(a)
@@ -136,6 +138,7 @@ def hook_env(tmp_path):
     hook.parent.mkdir(parents=True)
     hook.write_text(tls.deploy_hook_script(s))
     hook.chmod(0o755)
+    Path(tls.hook_values_path(s)).write_text(tls.hook_values(s))
     return s, tmp_path
 
 
@@ -204,16 +207,17 @@ def test_deploy_hook_puts_the_previous_certificate_back_when_nginx_rejects_the_n
     assert not any("reload" in c for c in calls(tmp))
 
 
-def test_the_hook_without_its_arguments_says_what_installs_the_certificate(hook_env):
+def test_the_hook_without_its_values_says_what_installs_the_certificate(hook_env):
     s, tmp = hook_env
     lineage = tmp / "le" / "live" / "maicivy.test"
     make_cert(lineage, "maicivy.test")
+    Path(tls.hook_values_path(s)).unlink()
     proc = subprocess.run([tls.hook_path(s)], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "RENEWED_LINEAGE": str(lineage)})
     assert (proc.returncode, proc.stdout) == (1, "")
-    assert proc.stderr == ("maicivy deploy hook: run without the stack's values (certbot's "
-                           "stored hook is older than this one); ssl.renew installs the "
-                           "certificate for nginx\n")
+    assert proc.stderr == (f"maicivy deploy hook: cannot read the stack's values from "
+                           f"{tls.hook_values_path(s)}; run ssl.renew, which rewrites them "
+                           "and installs the certificate for nginx\n")
     assert not Path(tls.cert_dir(s, "maicivy.test")).exists()
 
 

@@ -2,17 +2,24 @@
 # Installed by maicivy-ops (ssl.obtain / ssl.renew) as {root}/ssl/deploy-hook.sh;
 # rewritten on every run. certbot runs it after it obtained or renewed a
 # certificate, with RENEWED_LINEAGE=<config dir>/live/<name>, as
-#   deploy-hook.sh CERTS_DIR PROJECT ENV_FILE COMPOSE_FILE NAME...
+#   deploy-hook.sh [CERTS_DIR PROJECT ENV_FILE COMPOSE_FILE NAME...]
 # (CERTS_DIR: where nginx reads <name>/; PROJECT, ENV_FILE, COMPOSE_FILE: the
-# stack's docker compose; NAME...: the certificates of this stack).
+# stack's docker compose; NAME...: the certificates of this stack). Without
+# arguments (how certbot runs it: its stored renewal configurations name the
+# hook's path only) it reads them, one per line, from deploy-hook.values
+# beside it, which maicivy-ops writes with the hook.
 # It copies the new certificate into the directory nginx reads, checks nginx's
 # configuration and reloads nginx (no restart). If nginx rejects the new files,
 # the previous ones are restored.
 set -euo pipefail
+values="$(dirname "$0")/deploy-hook.values"
+if [ $# -eq 0 ] && [ -r "$values" ]; then
+  mapfile -t stored < "$values"
+  set -- "${stored[@]}"
+fi
 if [ $# -lt 4 ]; then
-  # a renewal configuration written before the hook took arguments
-  echo "maicivy deploy hook: run without the stack's values (certbot's stored hook is" \
-       "older than this one); ssl.renew installs the certificate for nginx" >&2
+  echo "maicivy deploy hook: cannot read the stack's values from $values;" \
+       "run ssl.renew, which rewrites them and installs the certificate for nginx" >&2
   exit 1
 fi
 certs=$1 project=$2 env_file=$3 compose_file=$4
