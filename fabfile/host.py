@@ -283,16 +283,9 @@ class Host:
         if self.guard is not None:
             self.guard.check_alive()
         digest = sha256(data)
-        out = self.stream(WRITE.command(path, f"{mode:o}", len(data), digest), sudo=sudo)
-        try:
-            out.send(data)
-            stdout = out.read_all()
-            status = out.wait()
-            stderr = out.stderr_text()
-        finally:
-            out.close()
-        if status != 0 or stdout.decode(errors="replace").split() != [
-                "ok", str(len(data)), digest]:
+        status, stdout, stderr = self.pipe(
+            WRITE.command(path, f"{mode:o}", len(data), digest), data, sudo=sudo)
+        if status != 0 or stdout.split() != [b"ok", str(len(data)).encode(), digest.encode()]:
             raise OpsError(f"cannot write {path}{self._where()}: "
                            f"{_cause(stderr, stdout.decode(errors='replace'))}")
 
@@ -301,17 +294,22 @@ class Host:
         if self.is_remote and not (sudo and self.use_sudo):
             with self.c.sftp().open(path, "rb") as fh:
                 return fh.read()
-        out = self.stream(f"cat -- {q(path)}", sudo=sudo)
-        try:
-            out.close_stdin()
-            data = out.read_all()
-            status = out.wait()
-            stderr = out.stderr_text()
-        finally:
-            out.close()
+        status, data, stderr = self.pipe(f"cat -- {q(path)}", sudo=sudo)
         if status != 0:
             raise OpsError(f"cannot read {path}{self._where()}: {last_lines(stderr)}")
         return data
+
+    def pipe(self, command: str, data: bytes = b"", *,
+             sudo: bool = False) -> tuple[int, bytes, str]:
+        """Run ``command`` with ``data`` on its stdin, to its end, through :meth:`stream`:
+        (exit status, stdout, stderr). Bytes in, bytes out, nothing decoded."""
+        running = self.stream(command, sudo=sudo)
+        try:
+            running.send(data)
+            stdout = running.read_all()
+            return running.wait(), stdout, running.stderr_text()
+        finally:
+            running.close()
 
     def hashes(self, paths: Iterable[str], *, sudo: bool = False) -> dict[str, str]:
         """sha256 of each existing path, in ONE round trip (missing ones are absent)."""
