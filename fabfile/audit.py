@@ -22,8 +22,8 @@ from .shell import script
 # SSH_CONNECTION_SH sets who_ssh (the SSH session's "$SSH_CONNECTION", '' when
 # not over SSH; read from the nearest ancestor under sudo, which drops it);
 # IDENTITY_SH also sets WHO, for the scripts that append deploy log lines.
-SSH_CONNECTION_SH = script(__file__, "audit_ssh_connection.sh").text.strip()
-IDENTITY_SH = SSH_CONNECTION_SH + "\n" + script(__file__, "audit_identity.sh").text.strip()
+SSH_CONNECTION_SH = script(__file__, "scripts/audit-ssh-connection.sh").text.strip()
+IDENTITY_SH = SSH_CONNECTION_SH + "\n" + script(__file__, "scripts/audit-identity.sh").text.strip()
 
 
 def append_with_identity(log: str) -> str:

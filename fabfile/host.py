@@ -266,7 +266,7 @@ class Host:
     ) -> None:
         """Write ``data`` to ``path`` atomically, verified; raise OpsError if it failed.
 
-        One command (host_write.sh, privileged as a whole with ``sudo``) gets the
+        One command (host-write.sh, privileged as a whole with ``sudo``) gets the
         bytes on its stdin, here or over SSH: they go to a temporary file in the
         same directory that is 0600 before the first byte (mktemp), fsynced,
         checked (size and sha256 read back from the disk), chmodded to ``mode``
@@ -326,7 +326,7 @@ class Host:
         return found
 
 
-WRITE = script(__file__, "host_write.sh")
+WRITE = script(__file__, "scripts/host-write.sh")
 
 
 # --- streams: one command's stdin, stdout and stderr, here or over SSH ----------------

@@ -105,11 +105,11 @@ def describe_holder(task: str) -> str:
 
 # --- scripts: the .sh files beside this module, values as arguments ------------------
 
-HOLD = script(__file__, "lock_hold.sh")
-TAKE = script(__file__, "lock_take.sh")
-STEP = script(__file__, "lock_step.sh")
-BREAK = script(__file__, "lock_break.sh")
-HOLDERS = script(__file__, "lock_who.sh")
+HOLD = script(__file__, "scripts/lock-hold.sh")
+TAKE = script(__file__, "scripts/lock-take.sh")
+STEP = script(__file__, "scripts/lock-step.sh")
+BREAK = script(__file__, "scripts/lock-break.sh")
+HOLDERS = script(__file__, "scripts/lock-who.sh")
 
 
 def holder_script(path: str, wait: int, info: str, *, shared: bool = False) -> str:
@@ -121,7 +121,7 @@ def holder_script(path: str, wait: int, info: str, *, shared: bool = False) -> s
 def stack_lock_script(d: str, token: str, info: str, task: str, wait: int,
                       report: str = "", by: str = "") -> str:
     """Take the stack lock exclusively (see the module doc), then run ``report``
-    (shell, with ``$D`` and ``$T`` set); lock_take.sh says what it prints."""
+    (shell, with ``$D`` and ``$T`` set); lock-take.sh says what it prints."""
     return TAKE.command(d, token, info, task, int(wait), by or info, report)
 
 

@@ -7,7 +7,7 @@
 
 Stopping (Ctrl-C) must end the command on the server too. Closing an SSH
 channel does not signal a command that has no terminal: it lives on until it
-next writes. So the command runs under a small watchdog (stream_watch.sh):
+next writes. So the command runs under a small watchdog (stream-watch.sh):
 in its own process group, while a ``cat`` reads our stdin; when we close
 that stdin (Ctrl-C, or the connection dies), ``cat`` ends and the whole
 process group is terminated.
@@ -23,7 +23,7 @@ from .shell import script
 
 INTERRUPTED = 130
 
-WATCH = script(__file__, "stream_watch.sh")
+WATCH = script(__file__, "scripts/stream-watch.sh")
 
 
 def watched(command: str) -> str:

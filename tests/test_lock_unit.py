@@ -235,7 +235,7 @@ def test_lock_scripts_are_shellcheck_clean():
     from fabfile.lock import guard_script, holder_read_script, stack_lock_script, unlock_script
 
     here = Path(fabfile.lock.__file__).parent
-    files = sorted(str(p) for p in here.glob("lock_*.sh"))
+    files = sorted(str(p) for p in (here / "scripts").glob("lock-*.sh"))
     assert len(files) == 5
     proc = subprocess.run(["shellcheck", "-S", "warning", *files], capture_output=True,
                           text=True)

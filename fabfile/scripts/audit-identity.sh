@@ -1,5 +1,5 @@
 # shellcheck shell=sh disable=SC2154,SC2034
-# A POSIX sh snippet (fabfile/audit.py: IDENTITY_SH, after audit_ssh_connection.sh,
+# A POSIX sh snippet (fabfile/audit.py: IDENTITY_SH, after audit-ssh-connection.sh,
 # which sets who_ssh): sets WHO, the identity the server sees, for the scripts
 # that append deploy log lines.
 set -f; set -- $who_ssh; set +f
