@@ -57,10 +57,10 @@ def prom_api(stack, path: str) -> dict:
     return json.loads(r.stdout)
 
 
-def reload_time(stack) -> float:
-    data = prom_api(stack, "/api/v1/query?query=prometheus_config_last_reload_success_timestamp_"
-                           "seconds")
-    return float(data["data"]["result"][0]["value"][1])
+def reload_time(stack) -> str:
+    """When Prometheus last loaded its configuration (its runtime information, current at
+    once: the metric of the same name waits for Prometheus' next scrape of itself)."""
+    return prom_api(stack, "/api/v1/status/runtimeinfo")["data"]["lastConfigTime"]
 
 
 def grafana_state(stack) -> dict:
