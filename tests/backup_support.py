@@ -13,7 +13,7 @@ import yaml
 from conftest import free_port, wait_port
 from stack_rig import StackRig
 
-from fabfile.backup.manifest import parse_metrics
+from fabfile.backup.metrics import parse_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVICES = ("postgres", "redis", "backend")
