@@ -165,6 +165,10 @@ def _manifest(name, file, created="2026-11-25T03:00:00Z", ok=True, size=5000, **
     ({"sha256": "x; rm -rf /"}, "sha256 of"),
     ({"size": "12"}, "size of"),
     ({"name": "postgres-20200101T000000Z"}, "describes"),
+    # Never a Python repr in the one-line error, whatever JSON the manifest holds.
+    ({"file": ["postgres-20261125T030000Z.dump.gz"]}, "its file (a JSON array) is not"),
+    ({"file": None}, "its file (missing) is not a file name"),
+    ({"name": ["x"], "kind": {"a": 1}}, "describes (a JSON object) backup (a JSON array)"),
     ({}, None),
 ])
 def test_every_name_in_a_manifest_must_be_one_we_write(change, problem):

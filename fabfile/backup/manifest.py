@@ -96,7 +96,8 @@ def manifest_problem(kind: str, name: str, manifest) -> str | None:
     if not NAME_RE.fullmatch(name) or not name.startswith(kind + "-"):
         return f"{name!r} is not a {kind} backup name"
     if manifest.get("name", name) != name or manifest.get("kind", kind) != kind:
-        return f"it describes {manifest.get('kind')} backup {manifest.get('name')!r}"
+        return (f"it describes {_shown(manifest.get('kind'))} backup "
+                f"{_shown(manifest.get('name'))}")
     files = [("file", manifest.get("file"), DATA_SUFFIX[kind], manifest)]
     if kind == "postgres" or manifest.get("globals") is not None:
         g = manifest.get("globals")
@@ -105,7 +106,7 @@ def manifest_problem(kind: str, name: str, manifest) -> str | None:
         files.append(("globals.file", g.get("file"), GLOBALS_SUFFIX, g))
     for key, value, suffix, where in files:
         if not isinstance(value, str) or not re.fullmatch(re.escape(name) + suffix, value):
-            return f"its {key} {value!r} is not a file name this tool writes"
+            return f"its {key} {_shown(value)} is not a file name this tool writes"
         if not isinstance(where.get("sha256"), str) or \
                 not SHA256_RE.fullmatch(where["sha256"]):
             return f"its sha256 of {value} is malformed"
@@ -119,6 +120,18 @@ def manifest_problem(kind: str, name: str, manifest) -> str | None:
     elif not _count(manifest.get("keys", 0)) or not _count(manifest.get("expires", 0)):
         return "its key counts are malformed"
     return None
+
+
+def _shown(value) -> str:
+    """A value read from a manifest, for a one-line message: a string quoted, anything
+    else by its JSON type (never a Python repr such as ``['x']``)."""
+    if isinstance(value, str):
+        return repr(value)
+    if value is None:
+        return "(missing)"
+    kinds = {bool: "a JSON boolean", int: "a JSON number", float: "a JSON number",
+             list: "a JSON array", dict: "a JSON object"}
+    return f"({kinds.get(type(value), 'not a string')})"
 
 
 def _count(value) -> bool:
