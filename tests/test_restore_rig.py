@@ -175,6 +175,8 @@ def test_a_damaged_redis_archive_is_refused_and_the_data_untouched(rig):
 
 
 def test_without_yes_and_without_a_terminal_restore_refuses(rig):
+    for kind in ("postgres", "redis"):  # a backup each could restore: only the answer lacks
+        backup(rig, kind)
     state = pg_state(rig)
     names = rig.files("postgres")
     for task in ("restore.postgres", "restore.redis"):
