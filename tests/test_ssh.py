@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
+import io
+import os
 import stat
 import subprocess
 
 import pytest
 
-from fabfile.errors import HostKeyError
-from fabfile.host import (
-    Host,
-    append,
-    contains,
-    directory,
-    exists,
-    harden_connection,
-    sudo_wrap,
-    upload_if_changed,
-)
+from fabfile.errors import HostKeyError, OpsError
+from fabfile.host import Host, harden_connection, sudo_wrap, upload_if_changed
+from fabfile.stream import stream, watched
 
 pytestmark = pytest.mark.rig
 
@@ -96,23 +90,35 @@ def test_dry_run_changes_nothing_but_still_checks(ssh_host, tmp_path, capsys):
     assert upload_if_changed(h, {str(target): b"x"}) == [str(target)]
     h.run(f"touch {tmp_path / 'g'}")
     assert not target.exists() and not (tmp_path / "g").exists()
-    assert not exists(h, str(target))           # checks really run
-    assert exists(h, str(tmp_path))
+    assert not h.check(f"test -e {target}").ok  # checks really run
+    assert h.check(f"test -e {tmp_path}").ok
     out = capsys.readouterr().out
     assert f"[dry-run] would write {target}" in out and "[dry-run] would run: touch" in out
 
 
-def test_patchwork_style_helpers(host, tmp_path):
-    d = tmp_path / "a b" / "c"
-    directory(host, str(d), mode="750")
-    assert stat.S_IMODE(d.stat().st_mode) == 0o750
-    f = d / "crontab"
-    f.write_text("keep me\n")
-    assert append(host, str(f), ["line 'one' $HOME", "keep me"]) is True
-    assert append(host, str(f), "line 'one' $HOME") is False
-    assert f.read_text() == "keep me\nline 'one' $HOME\n"
-    assert contains(host, str(f), "line 'one'")
-    assert not contains(host, str(f), "line 'one'", exact=True)
+def test_a_stream_over_ssh_takes_stdin_gives_stdout_and_fails_with_its_stderr(host):
+    running = host.stream("cat; echo 'first line' >&2; echo 'the cause' >&2; exit 3")
+    try:
+        running.send(b"\x00bytes\xff" * 100000)
+        assert running.read_all() == b"\x00bytes\xff" * 100000
+        assert running.wait() == 3
+        with pytest.raises(OpsError, match=r"^reading it: first line \| the cause$"):
+            running.finish("reading it")
+    finally:
+        running.close()
+
+
+def test_a_streamed_command_stops_on_the_server_when_we_stop(host, tmp_path):
+    out, err = io.BytesIO(), io.BytesIO()
+    assert stream(host, "echo out; echo err >&2; exit 3", out=out, err=err) == 3
+    assert (out.getvalue(), err.getvalue()) == (b"out\n", b"err\n")
+    marker = f"sleep 62.{os.getpid()}"
+    running = host.stream(watched(f"echo go; exec {marker}"))
+    assert running.read(100) == b"go\n"
+    running.close_stdin()  # what stream() does on Ctrl-C
+    assert running.wait(10) is not None
+    running.close()
+    assert subprocess.run(["pgrep", "-f", marker], capture_output=True).stdout == b""
 
 
 def test_sudo_wraps_the_whole_command_line():
