@@ -383,12 +383,14 @@ def _fake_old_copy(rig, m: dict, days: int, d: Path | None = None) -> str:
 
 def test_prune_dry_run_shows_what_would_go_and_why_then_prune_removes_it(rig):
     m = backup(rig, "postgres")
+    # Only m is among the newest min_keep, however many backups earlier tests took.
+    config = rig.config(backup={"min_keep": 1})
     old = [_fake_old_copy(rig, m, days) for days in (45, 40)]
     orphan = rig.kind_dir("postgres") / "postgres-20200101T000000Z.dump.gz"
     orphan.write_bytes(b"half a dump")
     files = rig.files("postgres")
 
-    dry = ok(rig.fab("backup.prune", "--dry-run", "--kind", "postgres"))
+    dry = ok(rig.fab("backup.prune", "--dry-run", "--kind", "postgres", config=config))
     for name in old:
         line = [ln for ln in dry.stdout.splitlines() if name in ln][0]
         assert "delete" in line and "older than 30 days" in line
@@ -396,7 +398,7 @@ def test_prune_dry_run_shows_what_would_go_and_why_then_prune_removes_it(rig):
                             if "postgres-20200101T000000Z" in ln][0]
     assert rig.files("postgres") == files
 
-    ok(rig.fab("backup.prune", "--kind", "postgres"))
+    ok(rig.fab("backup.prune", "--kind", "postgres", config=config))
     left = rig.files("postgres")
     assert not [f for f in left if any(n in f for n in old)] and orphan.name not in left
     assert f"{m['name']}.json" in left and m["file"] in left
