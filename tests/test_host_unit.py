@@ -92,8 +92,9 @@ def test_one_idea_of_a_local_address_for_every_caller():
 # --- Host.stream and write_file/read_file on the local side (inv on the server) ----------
 
 
-def test_a_local_stream_takes_stdin_gives_stdout_and_fails_with_its_stderr():
-    running = Host(Context()).stream("cat; echo 'first line' >&2; echo 'the cause' >&2; exit 3")
+def stream_keeps_its_contract(host: Host) -> None:
+    """What every transport's stream does (here: this test; over SSH: test_ssh)."""
+    running = host.stream("cat; echo 'first line' >&2; echo 'the cause' >&2; exit 3")
     try:
         running.send(b"\x00bytes\xff" * 100000)  # more than a pipe holds, stderr read too
         assert running.read_all() == b"\x00bytes\xff" * 100000
@@ -102,6 +103,10 @@ def test_a_local_stream_takes_stdin_gives_stdout_and_fails_with_its_stderr():
             running.finish("reading it")
     finally:
         running.close()
+
+
+def test_a_local_stream_takes_stdin_gives_stdout_and_fails_with_its_stderr():
+    stream_keeps_its_contract(Host(Context()))
     ok = Host(Context()).stream("cat >/dev/null")
     assert ok.finish("never") == 0
 
