@@ -71,7 +71,7 @@ def child(config: Path, what: str) -> None:
     from invoke import Context
 
     from fabfile.backup.restore import check_found, fetch, resolve, restore_postgres
-    from fabfile.backup.tasks import run_backup
+    from fabfile.backup.runner import run_backup
     from fabfile.config import load_settings
     from fabfile.host import Host
 

@@ -13,7 +13,7 @@ import yaml
 from conftest import free_port, wait_port
 from stack_rig import StackRig
 
-from fabfile.backup.manifest import parse_metrics
+from fabfile.backup.metrics import parse_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVICES = ("postgres", "redis", "backend")
@@ -247,8 +247,49 @@ CREATE TABLE IF NOT EXISTS empty_table (id int);
 """
 
 
+SEEDED_TABLES = "accounts,empty_table,events,odd name"
+SEEDED_ROWS = "5000|2000|300"
+SEEDED_KEYS = 57
+
+# Every table of the public schema dropped (the schema itself stays as created,
+# so that a dump restores into a database made from template0).
+DROP_TABLES_SQL = r"""
+DO $$ DECLARE t text; BEGIN
+  FOR t IN SELECT tablename FROM pg_tables WHERE schemaname = 'public' LOOP
+    EXECUTE format('DROP TABLE %I CASCADE', t);
+  END LOOP;
+END $$;
+"""
+
+
 def seed_postgres(rig: BackupRig) -> None:
     rig.psql(SEED_SQL)
+
+
+def empty_data(rig: BackupRig) -> None:
+    """The stack as on a fresh server: no table, no key."""
+    rig.psql(DROP_TABLES_SQL)
+    rig.redis("FLUSHALL")
+
+
+def seeded(rig: BackupRig) -> bool:
+    tables = rig.psql("SELECT string_agg(tablename, ',' ORDER BY tablename) FROM pg_tables "
+                      "WHERE schemaname = 'public'")
+    if tables != SEEDED_TABLES:
+        return False
+    rows = rig.psql('SELECT (SELECT count(*) FROM accounts), (SELECT count(*) FROM events), '
+                    '(SELECT count(*) FROM "odd name")')
+    return rows == SEEDED_ROWS and int(rig.redis("DBSIZE").split()[-1]) == SEEDED_KEYS
+
+
+def ensure_seeded(rig: BackupRig) -> BackupRig:
+    """The application data every test of a module starts from (put back if a test
+    before it left something else)."""
+    if not seeded(rig):
+        empty_data(rig)
+        seed_postgres(rig)
+        seed_redis(rig)
+    return rig
 
 
 SEED_REDIS = r"""

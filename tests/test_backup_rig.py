@@ -2,7 +2,10 @@
 
 One stack (postgres, redis, backend) for the module; ``fab`` runs over SSH
 like from a laptop, ``inv -r`` runs from / without stdin like cron on the
-server. The tests run in order and each leaves the stack healthy.
+server. No test depends on another having run: each one asks for the state it
+needs (``fresh``: no table and no key; ``rig``: the application data, put back
+if a test before it changed it; a backup of its own when it needs one) and
+leaves the stack healthy.
 """
 
 from __future__ import annotations
@@ -24,9 +27,9 @@ from backup_support import (
     BackupRig,
     Moto,
     add_env,
+    empty_data,
+    ensure_seeded,
     errors,
-    seed_postgres,
-    seed_redis,
     sha256_file,
 )
 
@@ -40,8 +43,8 @@ BUCKET = "maicivy-offsite"
 
 
 @pytest.fixture(scope="module")
-def fresh(ssh_host, tmp_path_factory):
-    """The stack as on a fresh server: an empty database, an empty Redis."""
+def stack(ssh_host, tmp_path_factory):
+    """The module's stack (postgres, redis, backend), up for every test."""
     r = BackupRig(ssh_host, tmp_path_factory.mktemp("backup"), f"maicivybackup{os.getpid()}",
                   provision={"log_dir": str(tmp_path_factory.mktemp("log"))})
     try:
@@ -51,12 +54,23 @@ def fresh(ssh_host, tmp_path_factory):
         r.down()
 
 
-@pytest.fixture(scope="module")
-def rig(fresh):
-    """The same stack with application data (seeded once)."""
-    seed_postgres(fresh)
-    seed_redis(fresh)
-    return fresh
+@pytest.fixture
+def fresh(stack):
+    """The stack as on a fresh server: an empty database, an empty Redis."""
+    empty_data(stack)
+    return stack
+
+
+@pytest.fixture
+def rig(stack):
+    """The stack with the application data."""
+    return ensure_seeded(stack)
+
+
+def backup(rig, kind: str, *args: str) -> dict:
+    """A new verified backup of ``kind`` (for a test that needs one); its manifest."""
+    ok(rig.fab(f"backup.{kind}", "--no-prune", *args))
+    return rig.latest(kind)
 
 
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -64,16 +78,21 @@ def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return proc
 
 
-def test_first_backup_on_a_fresh_server_with_no_table_and_no_key_succeeds(fresh):
+def test_first_backup_on_a_fresh_server_with_no_table_and_no_key_succeeds(fresh, tmp_path):
     # The first pre-deploy backup runs before the application ever created a
-    # table: it must not block the deploy.
+    # table: it must not block the deploy. (Its own backup directory: the first
+    # backups there, as on a fresh server.)
     assert fresh.counts() == {}
-    proc = ok(fresh.fab("backup.all", "--no-offsite"))
-    pg, rd = fresh.latest("postgres"), fresh.latest("redis")
+    config = fresh.config(backup={"dir": str(tmp_path / "first")})
+    proc = ok(fresh.fab("backup.all", "--no-offsite", config=config))
+    pg, rd = ([json.loads(p.read_text()) for p in sorted((tmp_path / "first" / k).glob("*.json"))]
+              for k in ("postgres", "redis"))
+    assert len(pg) == len(rd) == 1
+    pg, rd = pg[0], rd[0]
     assert f"postgres backup {pg['name']}" in proc.stdout
     assert pg["tables"] == {} and pg["rows"] == 0 and pg["verification"]["ok"]
-    assert rd["verification"]["ok"]
-    ok(fresh.fab("backup.check"))
+    assert rd["verification"]["ok"] and rd["keys"] == 0
+    ok(fresh.fab("backup.check", config=config))
 
 
 def test_backup_postgres_writes_a_verified_backup_its_manifest_and_metrics(rig):
@@ -363,13 +382,15 @@ def _fake_old_copy(rig, m: dict, days: int, d: Path | None = None) -> str:
 
 
 def test_prune_dry_run_shows_what_would_go_and_why_then_prune_removes_it(rig):
-    m = rig.latest("postgres")
+    m = backup(rig, "postgres")
+    # Only m is among the newest min_keep, however many backups earlier tests took.
+    config = rig.config(backup={"min_keep": 1})
     old = [_fake_old_copy(rig, m, days) for days in (45, 40)]
     orphan = rig.kind_dir("postgres") / "postgres-20200101T000000Z.dump.gz"
     orphan.write_bytes(b"half a dump")
     files = rig.files("postgres")
 
-    dry = ok(rig.fab("backup.prune", "--dry-run", "--kind", "postgres"))
+    dry = ok(rig.fab("backup.prune", "--dry-run", "--kind", "postgres", config=config))
     for name in old:
         line = [ln for ln in dry.stdout.splitlines() if name in ln][0]
         assert "delete" in line and "older than 30 days" in line
@@ -377,7 +398,7 @@ def test_prune_dry_run_shows_what_would_go_and_why_then_prune_removes_it(rig):
                             if "postgres-20200101T000000Z" in ln][0]
     assert rig.files("postgres") == files
 
-    ok(rig.fab("backup.prune", "--kind", "postgres"))
+    ok(rig.fab("backup.prune", "--kind", "postgres", config=config))
     left = rig.files("postgres")
     assert not [f for f in left if any(n in f for n in old)] and orphan.name not in left
     assert f"{m['name']}.json" in left and m["file"] in left
@@ -414,10 +435,10 @@ def test_retention_never_counts_a_bad_newest_backup_nor_deletes_the_only_good_on
 
 
 @pytest.fixture(scope="module")
-def moto(rig, tmp_path_factory):
+def moto(stack, tmp_path_factory):
     server = Moto(tmp_path_factory.mktemp("moto"))
     server.client().create_bucket(Bucket=BUCKET)
-    add_env(rig, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing")
+    add_env(stack, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing")
     try:
         yield server
     finally:

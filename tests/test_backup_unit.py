@@ -6,43 +6,47 @@ import io
 import json
 import subprocess
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
+import fabfile.backup
 from fabfile.backup import s3 as backup_s3
 from fabfile.backup.manifest import (
     Entry,
     check_problems,
     find_entry,
-    metrics_text,
     name_of,
-    next_metrics,
     parse_listing,
-    parse_metrics,
 )
-from fabfile.backup.restore import confirm, install_rdb_script
+from fabfile.backup.metrics import metrics_text, next_metrics, parse_metrics
+from fabfile.backup.restore import confirm
 from fabfile.backup.retention import Backup, format_plan, plan
 from fabfile.backup.scripts import (
-    REDIS_CHECK_SH,
-    REDIS_INSTALL_SH,
-    REDIS_ROLLBACK_SH,
-    REDIS_SAVE_SH,
-    count_rows_script,
+    PG_BACKUP,
+    PG_DUMP,
+    REDIS_INSTALL,
+    REDIS_SAVE,
+    SWAP_DATABASES_SQL,
+    check_archive_command,
     failure_line,
+    listing_command,
     parse_output,
-    pg_backup_script,
-    pg_check_archive_script,
-    pg_restore_into_script,
-    psql_script,
-    redis_backup_script,
-    redis_check_archive_script,
-    swap_databases_sql,
+    pg_backup_command,
+    psql_command,
+    rdb_install_command,
+    rdb_rollback_command,
+    redis_backup_command,
+    redis_wait_command,
+    restore_into_command,
 )
 from fabfile.config import load_settings
 from fabfile.errors import ConfigError, OpsError
 from fabfile.lock import holder_script
 
 NOW = datetime(2026, 11, 25, 3, 0, tzinfo=UTC)
+SCRIPTS = Path(fabfile.backup.__file__).parent
+RDB_INSTALL_TEXT = (SCRIPTS / "rdb_install.sh").read_text()
 
 
 def settings(**backup):
@@ -161,6 +165,10 @@ def _manifest(name, file, created="2026-11-25T03:00:00Z", ok=True, size=5000, **
     ({"sha256": "x; rm -rf /"}, "sha256 of"),
     ({"size": "12"}, "size of"),
     ({"name": "postgres-20200101T000000Z"}, "describes"),
+    # Never a Python repr in the one-line error, whatever JSON the manifest holds.
+    ({"file": ["postgres-20261125T030000Z.dump.gz"]}, "its file (a JSON array) is not"),
+    ({"file": None}, "its file (missing) is not a file name"),
+    ({"name": ["x"], "kind": {"a": 1}}, "describes (a JSON object) backup (a JSON array)"),
     ({}, None),
 ])
 def test_every_name_in_a_manifest_must_be_one_we_write(change, problem):
@@ -287,44 +295,47 @@ def test_metrics_text_is_valid_for_promtool(tmp_path):
 # --- scripts -----------------------------------------------------------------------
 
 
-def test_every_generated_script_is_valid_bash_and_sh():
+def test_every_command_line_and_script_is_valid_bash_and_sh():
     s = settings()
-    scripts = [
-        pg_backup_script(s), pg_backup_script(s, "zstd"), redis_backup_script(s),
-        pg_check_archive_script(s, "/x/postgres-1.dump.gz"),
-        redis_check_archive_script(s, "/x/redis-1.rdb.zst"),
-        pg_restore_into_script(s, "/x/a.dump.gz", "db_restore_1"),
+    commands = [
+        pg_backup_command(s), pg_backup_command(s, "zstd"), redis_backup_command(s),
+        check_archive_command(s, "postgres", "/x/postgres-1.dump.gz"),
+        check_archive_command(s, "redis", "/x/redis-1.rdb.zst"),
+        restore_into_command(s, "/x/a.dump.gz", "db_restore_1"),
         holder_script("/var/backups/maicivy/.lock-postgres", 10, "it's me"),
-        count_rows_script(s, "maicivy"),
-        psql_script(s, swap_databases_sql(), "postgres", db="a", new="b", old="c"),
+        psql_command(s, SWAP_DATABASES_SQL, "postgres", db="a", new="b", old="c"),
+        rdb_install_command(s, "/x/redis-1.rdb.gz", "aside"), rdb_rollback_command(s, "aside"),
+        redis_wait_command(s, 120), listing_command(s),
     ]
-    for script in scripts:
-        proc = subprocess.run(["bash", "-n", "-c", script], capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr + script
-    for script in (REDIS_SAVE_SH, REDIS_CHECK_SH, REDIS_INSTALL_SH, REDIS_ROLLBACK_SH):
-        proc = subprocess.run(["sh", "-n", "-c", script], capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr
+    for command in commands:
+        proc = subprocess.run(["bash", "-n", "-c", command], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr + command
+    for path in sorted(SCRIPTS.glob("*.sh")):
+        shell = "sh" if path.read_text().startswith("#!/bin/sh") else "bash"
+        proc = subprocess.run([shell, "-n", str(path)], capture_output=True, text=True)
+        assert proc.returncode == 0, path.name + proc.stderr
 
 
 def test_secrets_are_expanded_inside_the_containers_only():
     s = settings()
-    for script in (pg_backup_script(s), redis_backup_script(s)):
+    for command in (pg_backup_command(s), redis_backup_command(s)):
         # The variable names appear, quoted for the container's shell, never a value.
-        assert "$POSTGRES_PASSWORD" in script or "$REDIS_PASSWORD" in script
-        assert " -a " not in script and "--pass" not in script
-    assert 'REDISCLI_AUTH="$REDIS_PASSWORD"' in REDIS_SAVE_SH
+        assert "$POSTGRES_PASSWORD" in command or "$REDIS_PASSWORD" in command
+        assert " -a " not in command and "--pass" not in command
+    assert 'REDISCLI_AUTH="$REDIS_PASSWORD"' in REDIS_SAVE.text
 
 
 def test_backups_stream_on_the_server_and_are_renamed_only_after_the_check():
-    script = pg_backup_script(settings())
     # pg_restore reads the whole dump stream as it is written (rows counted)...
-    dump = script.index("pg_dump -Fc -Z0")
-    assert script.index('pg_restore -f - < "$st/r"') < dump
-    fsync = script.index('sync -- "$tmp"')
+    assert PG_DUMP.text.index('pg_restore -f - < "$st/r"') < PG_DUMP.text.index("pg_dump -Fc")
+    script = PG_BACKUP.text
+    script = script[script.index("new_name postgres"):]  # after common.sh's functions
+    dump = script.index('sh -c "$pg_dump_sh"')
+    fsync = script.index('finish_file "$tmp"')
     # ...then the file is read back once from the disk: its sha256 and the sha256 of
     # what it decompresses to, which must be the stream pg_restore read.
-    read_back = script.index('tee "$work/f" < "$tmp" | "${D[@]}" | sha256sum')
-    compare = script.index("does not decompress to the dump pg_restore read")
+    read_back = script.index('read_back "$tmp"')
+    compare = script.index("not decompress to the dump pg_restore read")
     rename = script.index('mv -f -- "$tmp" "$data"')
     assert dump < fsync < read_back < compare < rename
     assert '> "$tmp"' in script and ".partial" in script
@@ -343,13 +354,11 @@ def test_parse_output_and_failure_line():
 
 
 def test_install_rdb_writes_a_fresh_aof_when_aof_is_on():
-    m = {"file": "redis-20261125T030000Z.rdb.gz", "rdb_path": "/data/dump.rdb", "aof": "yes",
-         "appenddirname": "appendonlydir"}
-    e = Entry("redis", "redis-20261125T030000Z", m, {m["file"]: 1})
-    script = install_rdb_script(settings(), e, "aside")
-    assert "run --rm --no-deps -T --entrypoint sh redis" in script
-    assert " yes appendonlydir" in script
-    assert "appendonly.aof.1.base.rdb seq 1 type b" in REDIS_INSTALL_SH
+    command = rdb_install_command(settings(), "/b/redis/redis-20261125T030000Z.rdb.gz", "aside")
+    assert "/b/redis/redis-20261125T030000Z.rdb.gz" in command
+    assert " /data aside dump.rdb yes appendonlydir -- docker compose " in command
+    assert "run --rm --no-deps -T --entrypoint sh redis" in RDB_INSTALL_TEXT
+    assert "appendonly.aof.1.base.rdb seq 1 type b" in REDIS_INSTALL.text
 
 
 # --- confirmation ------------------------------------------------------------------
@@ -410,3 +419,50 @@ def test_s3_endpoints_must_be_https_unless_loopback(endpoint, ok):
     else:
         with pytest.raises(OpsError, match="must be an https:// URL"):
             backup_s3.check_endpoint(endpoint)
+
+
+# --- restore: the swap ---------------------------------------------------------------
+
+
+class SwapHost:
+    """Answers the swap's psql commands: ``fail`` maps a SQL fragment to its error."""
+
+    def __init__(self, **fail: str):
+        self.fail = fail
+        self.sql: list[str] = []
+
+    def run(self, command, **_):
+        from fabfile.host import Result
+
+        what = next((k for k in ("RENAME TO", "ALLOW_CONNECTIONS true", "DROP DATABASE")
+                     if k in command), command)
+        self.sql.append(what)
+        error = self.fail.get(what.split()[0])
+        return Result(command, 1 if error else 0, "", f"FAILED: {error}\n" if error else "")
+
+
+def test_a_failed_swap_is_the_error_reported_even_when_reallowing_connections_fails():
+    from fabfile.backup.restore import _swap
+
+    host = SwapHost(RENAME="3 sessions still connected to maicivy",
+                    ALLOW_CONNECTIONS="connection to server lost")
+    with pytest.raises(OpsError) as exc:
+        _swap(host, settings(), "maicivy", "maicivy_restore_1", "maicivy_pre_restore_1")
+    assert str(exc.value) == (
+        "swapping in the restored database failed (3 sessions still connected to maicivy); "
+        "maicivy is unchanged; allowing connections to maicivy again failed too: "
+        "connection to server lost")
+    # Connections re-allowed on the database that kept its name, the new one dropped.
+    assert host.sql == ["RENAME TO", "ALLOW_CONNECTIONS true", "DROP DATABASE"]
+
+
+def test_a_swap_that_works_allows_connections_to_the_new_database():
+    from fabfile.backup.restore import _swap
+
+    host = SwapHost()
+    _swap(host, settings(), "maicivy", "maicivy_restore_1", "maicivy_pre_restore_1")
+    assert host.sql == ["RENAME TO", "ALLOW_CONNECTIONS true"]
+    failing = SwapHost(RENAME="boom")
+    with pytest.raises(OpsError, match=r"^swapping in the restored database failed \(boom\); "
+                                       r"maicivy is unchanged$"):
+        _swap(failing, settings(), "maicivy", "n", "o")

@@ -1,7 +1,9 @@
 """Restores on the real rig: data comes back exactly, and bad archives change nothing.
 
 One stack (postgres, redis, backend) for the module, driven with the real
-``fab`` CLI over SSH and no terminal. The tests run in order; each leaves the
+``fab`` CLI over SSH and no terminal. No test depends on another having run:
+each starts from the application data (put back by the ``rig`` fixture if a
+test before it changed it), takes the backups it restores, and leaves the
 stack healthy.
 """
 
@@ -11,7 +13,7 @@ import json
 import os
 
 import pytest
-from backup_support import BackupRig, errors, seed_postgres, seed_redis, sha256_file
+from backup_support import BackupRig, ensure_seeded, errors, sha256_file
 
 pytestmark = pytest.mark.rig
 
@@ -19,15 +21,19 @@ TABLES = ("public.accounts", 'public."odd name"', "public.events", "public.empty
 
 
 @pytest.fixture(scope="module")
-def rig(ssh_host, tmp_path_factory):
+def stack(ssh_host, tmp_path_factory):
     r = BackupRig(ssh_host, tmp_path_factory.mktemp("restore"), f"maicivyrestore{os.getpid()}")
     try:
         r.up()
-        seed_postgres(r)
-        seed_redis(r)
         yield r
     finally:
         r.down()
+
+
+@pytest.fixture
+def rig(stack):
+    """The stack with the application data."""
+    return ensure_seeded(stack)
 
 
 def pg_state(rig: BackupRig) -> dict:
@@ -169,6 +175,8 @@ def test_a_damaged_redis_archive_is_refused_and_the_data_untouched(rig):
 
 
 def test_without_yes_and_without_a_terminal_restore_refuses(rig):
+    for kind in ("postgres", "redis"):  # a backup each could restore: only the answer lacks
+        backup(rig, kind)
     state = pg_state(rig)
     names = rig.files("postgres")
     for task in ("restore.postgres", "restore.redis"):

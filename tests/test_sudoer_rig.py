@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from backup_support import ROOT, BackupRig, seed_postgres, sha256_file
 
-from fabfile.backup.manifest import parse_metrics
+from fabfile.backup.metrics import parse_metrics
 
 pytestmark = pytest.mark.rig
 

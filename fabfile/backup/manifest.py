@@ -1,4 +1,4 @@
-"""The backups on the server: manifests, listing, checks and metrics.
+"""The backups on the server: manifests, names, listing, finding one, checks.
 
 A backup is complete only when its JSON manifest exists (written last); the
 manifest records the data file's sha256 and size, the tool and server
@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import json
 import re
-import shlex
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from ..clock import iso, parse_iso, utc_now  # noqa: F401 (used by tasks)
+from ..clock import parse_iso
 from ..config import Settings
 from ..errors import OpsError
 from ..host import Host
 from .retention import Backup
-from .scripts import KINDS, NAME_RE, bash, kind_dir
+from .scripts import KINDS, NAME_RE, kind_dir, listing_command
 
 MANIFEST_FORMAT = 1
 
@@ -80,19 +79,6 @@ class Entry:
                       tuple(sorted(self.files)), self.size)
 
 
-def listing_command(settings: Settings) -> str:
-    """One round trip: every file of every kind, and every manifest's content."""
-    dirs = " ".join(shlex.quote(kind_dir(settings, k)) for k in KINDS)
-    return bash(
-        f"for d in {dirs}; do [ -d \"$d\" ] || continue; "
-        "k=${d##*/}; "
-        "find \"$d\" -maxdepth 1 -type f -printf \"file\\t$k\\t%f\\t%s\\n\"; "
-        "for m in \"$d\"/*.json; do [ -f \"$m\" ] || continue; "
-        "printf 'manifest\\t%s\\t%s\\t' \"$k\" \"${m##*/}\"; tr -d '\\n' < \"$m\"; echo; done; "
-        "done"
-    )
-
-
 # The data files we write, by kind: nothing else is ever taken from a manifest.
 DATA_SUFFIX = {"postgres": r"\.dump\.(gz|zst)", "redis": r"\.rdb\.(gz|zst)"}
 GLOBALS_SUFFIX = r"\.globals\.sql\.(gz|zst)"
@@ -110,7 +96,8 @@ def manifest_problem(kind: str, name: str, manifest) -> str | None:
     if not NAME_RE.fullmatch(name) or not name.startswith(kind + "-"):
         return f"{name!r} is not a {kind} backup name"
     if manifest.get("name", name) != name or manifest.get("kind", kind) != kind:
-        return f"it describes {manifest.get('kind')} backup {manifest.get('name')!r}"
+        return (f"it describes {_shown(manifest.get('kind'))} backup "
+                f"{_shown(manifest.get('name'))}")
     files = [("file", manifest.get("file"), DATA_SUFFIX[kind], manifest)]
     if kind == "postgres" or manifest.get("globals") is not None:
         g = manifest.get("globals")
@@ -119,7 +106,7 @@ def manifest_problem(kind: str, name: str, manifest) -> str | None:
         files.append(("globals.file", g.get("file"), GLOBALS_SUFFIX, g))
     for key, value, suffix, where in files:
         if not isinstance(value, str) or not re.fullmatch(re.escape(name) + suffix, value):
-            return f"its {key} {value!r} is not a file name this tool writes"
+            return f"its {key} {_shown(value)} is not a file name this tool writes"
         if not isinstance(where.get("sha256"), str) or \
                 not SHA256_RE.fullmatch(where["sha256"]):
             return f"its sha256 of {value} is malformed"
@@ -133,6 +120,18 @@ def manifest_problem(kind: str, name: str, manifest) -> str | None:
     elif not _count(manifest.get("keys", 0)) or not _count(manifest.get("expires", 0)):
         return "its key counts are malformed"
     return None
+
+
+def _shown(value) -> str:
+    """A value read from a manifest, for a one-line message: a string quoted, anything
+    else by its JSON type (never a Python repr such as ``['x']``)."""
+    if isinstance(value, str):
+        return repr(value)
+    if value is None:
+        return "(missing)"
+    kinds = {bool: "a JSON boolean", int: "a JSON number", float: "a JSON number",
+             list: "a JSON array", dict: "a JSON object"}
+    return f"({kinds.get(type(value), 'not a string')})"
 
 
 def _count(value) -> bool:
@@ -257,92 +256,3 @@ def check_problems(
                 f"{kind}: newest backup {newest.name} ({newest.size} bytes) is more than "
                 f"{max_shrink_percent}% smaller than the one before ({previous} bytes)")
     return problems
-
-
-# --- metrics ----------------------------------------------------------------------
-
-METRICS = {
-    "maicivy_backup_last_success_timestamp_seconds":
-        "Unix time of the last verified backup (0: never).",
-    "maicivy_backup_last_run_timestamp_seconds": "Unix time the last backup run ended.",
-    "maicivy_backup_last_duration_seconds": "Duration of the last backup run.",
-    "maicivy_backup_last_size_bytes": "Size of the last verified backup file.",
-    "maicivy_backup_last_result": "1 if the last backup run succeeded, 0 if it failed.",
-    "maicivy_backup_offsite_last_success_timestamp_seconds":
-        "Unix time of the last verified off-site copy (0: never or not configured).",
-}
-
-
-def metrics_file(settings: Settings, kind: str) -> str:
-    return f"{settings.backup.textfile_dir}/maicivy_backup_{kind}.prom"
-
-
-def parse_metrics(text: str) -> dict[str, float]:
-    """``{metric name: value}`` of a textfile written by :func:`metrics_text`."""
-    out = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        name_labels, _, value = line.rpartition(" ")
-        name = name_labels.split("{", 1)[0]
-        try:
-            out[name] = float(value)
-        except ValueError:
-            continue
-    return out
-
-
-def metrics_text(kind: str, values: Mapping[str, float]) -> str:
-    """Prometheus text format for node-exporter's textfile collector."""
-    lines = []
-    for name, help_text in METRICS.items():
-        if name not in values:
-            continue
-        lines.append(f"# HELP {name} {help_text}")
-        lines.append(f"# TYPE {name} gauge")
-        value = values[name]
-        text = str(int(value)) if float(value).is_integer() else f"{value:.3f}"
-        lines.append(f'{name}{{kind="{kind}"}} {text}')
-    return "\n".join(lines) + "\n"
-
-
-def next_metrics(
-    previous: Mapping[str, float],
-    *,
-    ok: bool,
-    ended: float,
-    duration: float,
-    size: int | None,
-    offsite_ok: bool | None = None,
-) -> dict[str, float]:
-    """The values after a run: success fields move only when the run succeeded."""
-    values = {
-        "maicivy_backup_last_success_timestamp_seconds":
-            previous.get("maicivy_backup_last_success_timestamp_seconds", 0),
-        "maicivy_backup_last_size_bytes": previous.get("maicivy_backup_last_size_bytes", 0),
-        "maicivy_backup_offsite_last_success_timestamp_seconds":
-            previous.get("maicivy_backup_offsite_last_success_timestamp_seconds", 0),
-    }
-    if ok:
-        values["maicivy_backup_last_success_timestamp_seconds"] = round(ended)
-        if size is not None:
-            values["maicivy_backup_last_size_bytes"] = size
-    if offsite_ok:
-        values["maicivy_backup_offsite_last_success_timestamp_seconds"] = round(ended)
-    values["maicivy_backup_last_run_timestamp_seconds"] = round(ended)
-    values["maicivy_backup_last_duration_seconds"] = round(duration, 3)
-    values["maicivy_backup_last_result"] = 1 if ok and offsite_ok is not False else 0
-    return values
-
-
-def write_metrics(host: Host, settings: Settings, kind: str, **run) -> dict[str, float]:
-    """Update ``maicivy_backup_<kind>.prom`` atomically (temp file + rename)."""
-    path = metrics_file(settings, kind)
-    previous: dict[str, float] = {}
-    r = host.check(f"cat {shlex.quote(path)}", sudo=True)
-    if r.ok:
-        previous = parse_metrics(r.stdout)
-    values = next_metrics(previous, **run)
-    host.run(f"mkdir -p {shlex.quote(settings.backup.textfile_dir)}", sudo=True)
-    host.write_file(path, metrics_text(kind, values), mode=0o644, sudo=True)
-    return values

@@ -11,9 +11,9 @@ the swap itself fails, the original is put back.
 from __future__ import annotations
 
 import json
-import shlex
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from invoke import Collection
@@ -25,6 +25,7 @@ from ..errors import OpsError
 from ..host import Host
 from ..lock import server_lock, stack_lock
 from ..progress import step
+from ..shell import q
 from ..stack import compose, read_env
 from . import s3 as s3mod
 from .manifest import (
@@ -35,32 +36,25 @@ from .manifest import (
     manifest_json,
     name_of,
 )
-from .scripts import HEADER as SH_HEADER
-from .scripts import (
-    REDIS_APPENDDIRNAME,
-    REDIS_APPENDONLY,
-    REDIS_DATA_DIR,
-    REDIS_DBFILENAME,
-    REDIS_ENV,
-    REDIS_INSTALL_SH,
-    REDIS_ROLLBACK_SH,
-    allow_connections_sql,
-    bash,
-    exec_in,
-    failure_line,
-    kind_dir,
-    lock_path,
-    psql_script,
-    q,
-    redis_oneoff,
-    swap_databases_sql,
-)
-from .tasks import (
+from .runner import (
     check_archive,
     count_differences,
     drop_database,
     restore_into,
     run_backup,
+)
+from .scripts import (
+    ALLOW_CONNECTIONS_SQL,
+    REDIS_DATA_DIR,
+    SWAP_DATABASES_SQL,
+    failure_line,
+    kind_dir,
+    lock_path,
+    psql_command,
+    rdb_discard_command,
+    rdb_install_command,
+    rdb_rollback_command,
+    redis_wait_command,
 )
 
 # --- finding and fetching the backup ------------------------------------------------
@@ -96,7 +90,7 @@ def _entry_at_path(host: Host, settings: Settings, path: str, kind: str) -> Entr
     if name is None or not name.startswith(kind + "-"):
         raise OpsError(f"{path} is not a {kind} backup file (expected {kind}-<time>.*)")
     manifest_file = f"{directory}/{name}.json"
-    r = host.check(f"cat -- {shlex.quote(manifest_file)}", sudo=True)
+    r = host.check(f"cat -- {q(manifest_file)}", sudo=True)
     if r.failed:
         raise OpsError(f"{manifest_file} is missing: without its manifest the archive cannot "
                        "be checked; copy the .json next to it")
@@ -214,6 +208,28 @@ def _start(host: Host, settings: Settings, service: str) -> None:
     host.run(compose(settings, "start", service), sudo=True, timeout=180)
 
 
+@contextmanager
+def _stopped(host: Host, settings: Settings, service: str):
+    """``service`` stopped for the block if it was running, started again after it."""
+    running = _running(host, settings, service)
+    if running:
+        _stop(host, settings, service)
+    try:
+        yield
+    finally:
+        if running:
+            _start(host, settings, service)
+
+
+def _safety_backup(host: Host, settings: Settings, kind: str) -> dict:
+    """A verified, labelled backup of what a restore is about to replace."""
+    safety = run_backup(host, settings, kind, reason="pre-restore", offsite=False,
+                        prune=False, lock=False, label="safety")
+    what = "database" if kind == "postgres" else "data"
+    host.say(f"safety backup of the current {what}: {safety['name']}")
+    return safety
+
+
 def _undo(safety: dict | None, kind: str) -> str:
     """The end of a restore's last line: how to go back to what was there."""
     if not safety:
@@ -225,7 +241,7 @@ def _undo(safety: dict | None, kind: str) -> str:
 
 
 def _psql(host: Host, settings: Settings, sql: str, **variables) -> str:
-    r = host.run(psql_script(settings, sql, "postgres", **variables), sudo=True, warn=True)
+    r = host.run(psql_command(settings, sql, "postgres", **variables), sudo=True, warn=True)
     if r.failed:
         raise OpsError(failure_line(r.stderr, r.stdout))
     return r.stdout
@@ -240,47 +256,57 @@ def live_database(host: Host, settings: Settings) -> str:
     return database
 
 
+def _restore_counted(host: Host, settings: Settings, entry: Entry, new: str) -> dict[str, int]:
+    """Restore ``entry`` into the new database ``new`` and compare its row counts with
+    the manifest's; ``new`` is dropped again unless they match. Its counts."""
+    with step(f"restore {entry.name} into a new database {new}, count its rows"):
+        got = restore_into(host, settings, entry, new)
+    try:
+        diff = count_differences(entry.manifest["tables"], got)
+        if diff:
+            raise OpsError(f"{entry.name} restored with different row counts: "
+                           + "; ".join(diff) + "; the live database was not touched")
+    except BaseException:
+        drop_database(host, settings, new)
+        raise
+    return got
+
+
+def _swap(host: Host, settings: Settings, database: str, new: str, old: str) -> None:
+    """Rename ``new`` into place of ``database`` (which becomes ``old``) in one
+    transaction. Whatever is named ``database`` afterwards accepts connections.
+
+    When the swap fails, its error is the one reported (re-allowing connections
+    is tried, and its own failure only mentioned), and ``new`` is dropped.
+    """
+    try:
+        _psql(host, settings, SWAP_DATABASES_SQL, db=database, new=new, old=old)
+    except BaseException as exc:
+        also = ""
+        try:
+            _psql(host, settings, ALLOW_CONNECTIONS_SQL, db=database)
+        except OpsError as allow:
+            also = f"; allowing connections to {database} again failed too: {allow}"
+        if not isinstance(exc, OpsError):
+            raise
+        drop_database(host, settings, new)
+        raise OpsError(f"swapping in the restored database failed ({exc}); "
+                       f"{database} is unchanged{also}") from exc
+    _psql(host, settings, ALLOW_CONNECTIONS_SQL, db=database)
+
+
 def restore_postgres(host: Host, settings: Settings, entry: Entry, *, safety_backup: bool = True,
                      keep_old: bool = False) -> dict:
     """Restore ``entry`` (already checked and confirmed) in place of the live database."""
-    m = entry.manifest
     database = live_database(host, settings)
     stamp = clock.stamp().lower()  # a Postgres name: lower case, quoted or not
     new, old = f"{database}_restore_{stamp}", f"{database}_pre_restore_{stamp}"
-    safety = None
     with stack_lock(host, settings, "restore.postgres"):  # no deploy, no backup meanwhile
-        if safety_backup:
-            safety = run_backup(host, settings, "postgres", reason="pre-restore", offsite=False,
-                                prune=False, lock=False, label="safety")
-            host.say(f"safety backup of the current database: {safety['name']}")
-        with step(f"restore {entry.name} into a new database {new}, count its rows"):
-            got = restore_into(host, settings, entry, new)
-        try:
-            diff = count_differences(m["tables"], got)
-            if diff:
-                raise OpsError(f"{entry.name} restored with different row counts: "
-                               + "; ".join(diff) + "; the live database was not touched")
-        except BaseException:
-            drop_database(host, settings, new)
-            raise
-        backend = _running(host, settings, "backend")
-        if backend:
-            _stop(host, settings, "backend")
-        try:
-            try:
-                _psql(host, settings, swap_databases_sql(), db=database, new=new, old=old)
-            except OpsError as exc:
-                drop_database(host, settings, new)
-                raise OpsError(f"swapping in the restored database failed ({exc}); "
-                               f"{database} is unchanged") from exc
-            finally:
-                # Whatever is named ``database`` now must accept connections.
-                _psql(host, settings, allow_connections_sql(), db=database)
-            # The database renamed into place is the one just counted (one transaction).
-            after = got
-        finally:
-            if backend:
-                _start(host, settings, "backend")
+        safety = _safety_backup(host, settings, "postgres") if safety_backup else None
+        # The database renamed into place is the one counted here (one transaction).
+        after = _restore_counted(host, settings, entry, new)
+        with _stopped(host, settings, "backend"):
+            _swap(host, settings, database, new, old)
         if keep_old:
             host.say(f"the previous database is kept as {old} (connections disabled); drop "
                      "it when you no longer need it")
@@ -327,27 +353,11 @@ def postgres(c, backup="", yes=False, safety_backup=True, keep_old=False):
 
 # --- redis ------------------------------------------------------------------------
 
-WAIT_REDIS_SH = REDIS_ENV + r"""
-timeout="$1"; start=$(date +%s)
-while :; do
-  if [ "$(redis-cli PING 2>/dev/null | tr -d '\r')" = PONG ] &&
-     redis-cli INFO persistence 2>/dev/null | grep -q '^loading:0'; then
-    break
-  fi
-  [ $(( $(date +%s) - start )) -lt "$timeout" ] || {
-    echo "FAILED: redis did not come back within ${timeout}s" >&2; exit 1; }
-  sleep 0.2
-done
-keys=$(redis-cli INFO keyspace | tr -d '\r' | sed -n 's/^db[0-9]*:keys=\([0-9]*\).*/\1/p')
-echo "keys=$(echo "$keys" | awk '{s+=$1} END {print s+0}')"
-"""
-
-
 def _wait_redis(host: Host, settings: Settings, timeout: int = 120) -> int:
     """Wait until redis answers and has loaded its data; its key count."""
     deadline = time.monotonic() + timeout
     while True:
-        r = host.check(exec_in(settings, "redis", WAIT_REDIS_SH, str(timeout)), sudo=True)
+        r = host.check(redis_wait_command(settings, timeout), sudo=True)
         if r.ok:
             for line in r.stdout.splitlines():
                 if line.startswith("keys="):
@@ -357,75 +367,51 @@ def _wait_redis(host: Host, settings: Settings, timeout: int = 120) -> int:
         time.sleep(0.5)
 
 
-def install_rdb_script(settings: Settings, entry: Entry, aside: str) -> str:
-    run = redis_oneoff(settings, REDIS_INSTALL_SH, REDIS_DATA_DIR, aside, REDIS_DBFILENAME,
-                       REDIS_APPENDONLY, REDIS_APPENDDIRNAME)
-    return (
-        SH_HEADER
-        + f"archive={q(entry.data_path(settings))}\n"
-        + 'case "$archive" in *.zst) D=(zstd -q -d -c) ;; *) D=(gzip -d -c) ;; esac\n'
-        + "set +e\n"
-        + f'"${{D[@]}}" < "$archive" | {run}\n'
-        + 'st=("${PIPESTATUS[@]}")\nset -e\n'
-        + '[ "${st[0]}" = 0 ] || fail "the archive does not decompress"\n'
-        + '[ "${st[1]}" = 0 ] || fail "installing the RDB into the redis volume failed"\n'
-    )
+def _expected_keys(m: dict, keys: int) -> None:
+    """Refuse a key count outside what the backup holds (keys with a TTL may expire)."""
+    high = int(m.get("keys", 0))
+    low = high - int(m.get("expires", 0))
+    if not low <= keys <= high:
+        raise OpsError(f"redis loaded {keys} keys, the backup has {high}"
+                       + (f" ({m.get('expires')} with a TTL)" if low != high else ""))
 
 
-def rollback_rdb_script(settings: Settings, entry: Entry, aside: str) -> str:
-    return redis_oneoff(settings, REDIS_ROLLBACK_SH, REDIS_DATA_DIR, aside, REDIS_DBFILENAME,
-                        REDIS_APPENDDIRNAME)
+def _install(host: Host, settings: Settings, entry: Entry, aside: str) -> int:
+    """Redis stopped: put the RDB in its volume (the current files moved into
+    ``aside``), start it, check its key count. On any failure the previous files
+    are put back and redis started on them. The key count."""
+    try:
+        r = host.run(rdb_install_command(settings, entry.data_path(settings), aside),
+                     sudo=True, warn=True, timeout=600)
+        if r.failed or "installed" not in r.stdout:
+            raise OpsError(f"installing the RDB failed: {failure_line(r.stderr, r.stdout)}")
+        _start(host, settings, "redis")
+        with step("redis: load the restored data"):
+            keys = _wait_redis(host, settings)
+        _expected_keys(entry.manifest, keys)
+    except BaseException as exc:
+        host.say(f"restore failed ({exc}); putting the previous data back")
+        host.run(compose(settings, "stop", "redis"), sudo=True, warn=True, timeout=180)
+        host.run(rdb_rollback_command(settings, aside), sudo=True, warn=True, timeout=600)
+        host.run(compose(settings, "start", "redis"), sudo=True, warn=True, timeout=180)
+        raise
+    return keys
 
 
 def restore_redis(host: Host, settings: Settings, entry: Entry, *, safety_backup: bool = True,
                   keep_old: bool = False) -> int:
     """Put ``entry``'s RDB in place of Redis' data (already checked and confirmed)."""
-    m = entry.manifest
     aside = f"maicivy-pre-restore-{clock.stamp()}"
-    safety = None
-    directory = REDIS_DATA_DIR
-    low = int(m.get("keys", 0)) - int(m.get("expires", 0))
-    high = int(m.get("keys", 0))
     with stack_lock(host, settings, "restore.redis"):  # no deploy, no backup meanwhile
-        if safety_backup:
-            safety = run_backup(host, settings, "redis", reason="pre-restore", offsite=False,
-                                prune=False, lock=False, label="safety")
-            host.say(f"safety backup of the current data: {safety['name']}")
-        backend = _running(host, settings, "backend")
-        if backend:
-            _stop(host, settings, "backend")
-        try:
+        safety = _safety_backup(host, settings, "redis") if safety_backup else None
+        with _stopped(host, settings, "backend"):
             _stop(host, settings, "redis")
-            installed = False
-            try:
-                r = host.run(bash(install_rdb_script(settings, entry, aside)), sudo=True,
-                             warn=True, timeout=600)
-                installed = "installed" in r.stdout
-                if r.failed or not installed:
-                    raise OpsError(f"installing the RDB failed: "
-                                   f"{failure_line(r.stderr, r.stdout)}")
-                _start(host, settings, "redis")
-                with step("redis: load the restored data"):
-                    keys = _wait_redis(host, settings)
-                if not low <= keys <= high:
-                    raise OpsError(f"redis loaded {keys} keys, the backup has {high}"
-                                   + (f" ({m.get('expires')} with a TTL)" if low != high else ""))
-            except BaseException as exc:
-                host.say(f"restore failed ({exc}); putting the previous data back")
-                host.run(compose(settings, "stop", "redis"), sudo=True, warn=True, timeout=180)
-                host.run(rollback_rdb_script(settings, entry, aside), sudo=True, warn=True,
-                         timeout=600)
-                host.run(compose(settings, "start", "redis"), sudo=True, warn=True, timeout=180)
-                raise
-            if not keep_old:
-                host.run(exec_in(settings, "redis", 'rm -rf -- "$1/$2"', directory, aside),
-                         sudo=True, warn=True)
-            else:
-                host.say(f"the previous data files are kept in {directory}/{aside} "
+            keys = _install(host, settings, entry, aside)
+            if keep_old:
+                host.say(f"the previous data files are kept in {REDIS_DATA_DIR}/{aside} "
                          "inside the redis volume")
-        finally:
-            if backend:
-                _start(host, settings, "backend")
+            else:
+                host.run(rdb_discard_command(settings, aside), sudo=True, warn=True)
     host.say(f"restored {entry.name} into redis: {keys} keys, as recorded in the backup"
              + _undo(safety, "redis"))
     return keys

@@ -19,7 +19,7 @@ Everything else is deleted, each with the reason it goes.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -56,6 +56,25 @@ TIERS = {
 }
 
 
+def _keep(d: Decision, reason: str, counted: bool = False) -> None:
+    d.keep = True
+    d.counted = d.counted or counted
+    d.reasons.append(reason)
+
+
+def _newest_per_period(good: list[Backup], tier: str, n: int) -> Iterator[tuple[Backup, str]]:
+    """The newest backup of each of the last ``n`` periods of ``tier`` that have one."""
+    seen: list[str] = []
+    for b in good:  # newest first: the first of each period is its newest
+        p = TIERS[tier](b.created.astimezone(UTC))
+        if p in seen:
+            continue
+        if len(seen) >= n:
+            break
+        seen.append(p)
+        yield b, p
+
+
 def plan(
     backups: Iterable[Backup],
     *,
@@ -76,49 +95,22 @@ def plan(
         if not b.verified:
             decisions[b.name].reasons.append("incomplete (no manifest of a verified backup)")
         elif b.bad:
-            d = decisions[b.name]
-            d.keep = True
-            d.reasons.append(f"BAD: {b.bad}; kept aside for inspection, not counted")
-
+            _keep(decisions[b.name], f"BAD: {b.bad}; kept aside for inspection, not counted")
     for b in good[:min_keep]:
-        d = decisions[b.name]
-        d.keep = d.counted = True
-        d.reasons.append(f"one of the newest {min_keep} (min_keep)")
-
+        _keep(decisions[b.name], f"one of the newest {min_keep} (min_keep)", counted=True)
     horizon = now - timedelta(days=retention_days)
     for b in good:
         if b.created >= horizon:
-            d = decisions[b.name]
-            d.keep = True
-            d.reasons.append(f"younger than {retention_days} days")
-
+            _keep(decisions[b.name], f"younger than {retention_days} days")
     for b in good[: keep.get("last", 0)]:
-        d = decisions[b.name]
-        d.keep = d.counted = True
-        d.reasons.append(f"last {keep['last']}")
-
-    for tier, period in TIERS.items():
-        n = keep.get(tier, 0)
-        if n <= 0:
-            continue
-        seen: list[str] = []
-        for b in good:  # newest first: the first of each period is its newest
-            p = period(b.created.astimezone(UTC))
-            if p in seen:
-                continue
-            if len(seen) >= n:
-                break
-            seen.append(p)
-            d = decisions[b.name]
-            d.keep = d.counted = True
-            d.reasons.append(f"{tier} {p}")
-
+        _keep(decisions[b.name], f"last {keep['last']}", counted=True)
+    for tier in TIERS:
+        for b, p in _newest_per_period(good, tier, keep.get(tier, 0)):
+            _keep(decisions[b.name], f"{tier} {p}", counted=True)
     for b in good:
-        d = decisions[b.name]
-        if not d.keep:
-            d.reasons.append(
-                f"older than {retention_days} days and in no keep tier"
-            )
+        if not decisions[b.name].keep:
+            decisions[b.name].reasons.append(
+                f"older than {retention_days} days and in no keep tier")
     return [decisions[b.name] for b in items]
 
 

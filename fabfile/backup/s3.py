@@ -179,6 +179,55 @@ def expected_etag(part_md5s: list[bytes]) -> str:
     return hashlib.md5(b"".join(part_md5s)).hexdigest() + f"-{len(part_md5s)}"  # noqa: S324
 
 
+def _changed(key: str, what: str) -> OpsError:
+    return OpsError(f"{key}: the file changed since it was verified (checksum differs); {what}")
+
+
+def _content_md5(md5: bytes) -> str:
+    return base64.b64encode(md5).decode()
+
+
+def _put_one(s3, bucket: str, key: str, chunk: bytes, *, sha256: str, size: int,
+             extra: dict) -> list[bytes]:
+    """A small file in one PUT (checked against ``sha256`` and ``size`` first); its md5."""
+    md5 = hashlib.md5(chunk).digest()  # noqa: S324 - S3's integrity check
+    if hashlib.sha256(chunk).hexdigest() != sha256 or len(chunk) != size:
+        raise _changed(key, "not uploaded")
+    s3.put_object(Bucket=bucket, Key=key, Body=chunk, ContentMD5=_content_md5(md5), **extra)
+    return [md5]
+
+
+def _put_parts(s3, bucket: str, key: str, chunk: bytes, reader, *, sha256: str, size: int,
+               part_size: int, extra: dict) -> list[bytes]:
+    """A multipart upload of ``chunk`` and the rest of ``reader``, completed only when
+    what was read has ``sha256`` and ``size`` (aborted otherwise); the parts' md5s."""
+    upload_id = s3.create_multipart_upload(Bucket=bucket, Key=key, **extra)["UploadId"]
+    try:
+        digest = hashlib.sha256()
+        parts, md5s = [], []
+        while chunk:
+            digest.update(chunk)
+            md5 = hashlib.md5(chunk).digest()  # noqa: S324
+            number = len(parts) + 1
+            r = s3.upload_part(Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number,
+                               Body=chunk, ContentMD5=_content_md5(md5))
+            parts.append({"ETag": r["ETag"], "PartNumber": number})
+            md5s.append(md5)
+            size -= len(chunk)
+            chunk = reader.read(part_size)
+        if digest.hexdigest() != sha256 or size != 0:
+            raise _changed(key, "upload abandoned")
+        s3.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id,
+                                     MultipartUpload={"Parts": parts})
+    except BaseException:
+        try:
+            s3.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+        except Exception:  # best effort; a lifecycle rule cleans up otherwise
+            pass
+        raise
+    return md5s
+
+
 def upload(
     s3,
     bucket: str,
@@ -194,60 +243,20 @@ def upload(
 
     ``sse``: server-side encryption asked for (and checked) on the object; '' for none.
     """
-    encryption = {"ServerSideEncryption": sse} if sse else {}
-    digest = hashlib.sha256()
-    md5s: list[bytes] = []
-    upload_id = None
-    sent = 0
-    metadata = {"sha256": sha256}
+    extra = {"Metadata": {"sha256": sha256},
+             **({"ServerSideEncryption": sse} if sse else {})}
     try:
         chunk = reader.read(part_size)
         if len(chunk) < part_size:  # small file: one PUT
-            digest.update(chunk)
-            md5 = hashlib.md5(chunk).digest()  # noqa: S324 - S3's integrity check
-            if digest.hexdigest() != sha256 or len(chunk) != size:
-                raise OpsError(f"{key}: the file changed since it was verified "
-                               "(checksum differs); not uploaded")
-            s3.put_object(Bucket=bucket, Key=key, Body=chunk, Metadata=metadata,
-                          ContentMD5=base64.b64encode(md5).decode(), **encryption)
-            md5s.append(md5)
-            sent = len(chunk)
+            md5s = _put_one(s3, bucket, key, chunk, sha256=sha256, size=size, extra=extra)
         else:
-            upload_id = s3.create_multipart_upload(
-                Bucket=bucket, Key=key, Metadata=metadata, **encryption)["UploadId"]
-            parts = []
-            number = 1
-            while chunk:
-                digest.update(chunk)
-                md5 = hashlib.md5(chunk).digest()  # noqa: S324
-                r = s3.upload_part(
-                    Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number,
-                    Body=chunk, ContentMD5=base64.b64encode(md5).decode(),
-                )
-                parts.append({"ETag": r["ETag"], "PartNumber": number})
-                md5s.append(md5)
-                sent += len(chunk)
-                number += 1
-                chunk = reader.read(part_size)
-            if digest.hexdigest() != sha256 or sent != size:
-                raise OpsError(f"{key}: the file changed since it was verified "
-                               "(checksum differs); upload abandoned")
-            s3.complete_multipart_upload(
-                Bucket=bucket, Key=key, UploadId=upload_id,
-                MultipartUpload={"Parts": parts},
-            )
-            upload_id = None
+            md5s = _put_parts(s3, bucket, key, chunk, reader, sha256=sha256, size=size,
+                              part_size=part_size, extra=extra)
     except OpsError:
         raise
     except Exception as exc:
         raise OpsError(f"upload of {key} to bucket {bucket} failed: {_why(exc)}") from exc
-    finally:
-        if upload_id is not None:
-            try:
-                s3.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
-            except Exception:  # best effort; a lifecycle rule cleans up otherwise
-                pass
-    return verify_object(s3, bucket, key, size=sent, etag=expected_etag(md5s), parts=len(md5s),
+    return verify_object(s3, bucket, key, size=size, etag=expected_etag(md5s), parts=len(md5s),
                          sse=sse)
 
 

@@ -132,7 +132,7 @@ def _pre_deploy_backup(host: Host, settings: Settings, plan: Plan):
         host.say("pre-deploy backup: skipped (PostgreSQL is not running yet)")
         return None
     try:
-        from ..backup.tasks import backup_postgres
+        from ..backup.runner import backup_postgres
     except ImportError:
         host.say("pre-deploy backup: skipped (the backup namespace is not installed)")
         return None
