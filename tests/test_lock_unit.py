@@ -16,7 +16,8 @@ import pytest
 from invoke import Context
 
 from fabfile.config import load_settings
-from fabfile.deploy.release import deploy_report_script, parse_state
+from fabfile.deploy.release import parse_state
+from fabfile.deploy.scripts import deploy_report_script
 from fabfile.errors import OpsError
 from fabfile.host import Host
 from fabfile.lock import (
