@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark: backup.postgres and restore.postgres against the plain shell pipelines.
 
-    python3 bench/bench_backup.py [--scales 13,68] [--rounds 2] [--keep]
+    PYTHONPATH=tests .venv/bin/python bench/bench_backup.py [--scales 13,68] [--rounds 2] [--keep]
 
 On the rig (dockerd, the local registry with the test images), in one run,
 for each pgbench scale (default ~200 MB and ~1 GB databases):
@@ -37,10 +37,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 PROJECT = "maicivybench"
 

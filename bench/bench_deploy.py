@@ -14,7 +14,7 @@ Needs the rig (tests/rig/setup-docker.sh: dockerd, registry, test images),
 OpenSSH's sshd, and ``pip install ansible-core``. Everything runs on
 127.0.0.1; the stack and sshd are removed at the end.
 
-    python bench/bench_deploy.py [--runs 5] [--only noop|downtime]
+    PYTHONPATH=tests .venv/bin/python bench/bench_deploy.py [--runs 5] [--only noop|downtime]
 """
 
 from __future__ import annotations
@@ -30,24 +30,23 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-os.environ["PATH"] = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"
-
-from conftest import start_sshd  # noqa: E402
-from deploy_support import (  # noqa: E402
+from conftest import start_sshd
+from deploy_support import (
     ClientLoop,
     fab,
     get,
     remove_release_tags,
     write_config,
 )
-from stack_rig import StackRig  # noqa: E402
+from stack_rig import StackRig
 
-from fabfile.config import load_settings  # noqa: E402
-from fabfile.host import Host, harden_connection, upload_if_changed  # noqa: E402
-from fabfile.render import render_tree, write_tree  # noqa: E402
-from fabfile.stack import compose, ensure_certificates, remote_files  # noqa: E402
+from fabfile.config import load_settings
+from fabfile.host import Host, harden_connection, upload_if_changed
+from fabfile.render import render_tree, write_tree
+from fabfile.stack import compose, ensure_certificates, remote_files
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ["PATH"] = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"
 
 PROJECT = "maicivybenchdeploy"
 

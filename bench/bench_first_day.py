@@ -18,7 +18,7 @@ to the baseline measured in the same run:
 Needs the rig (tests/install-deps.sh). Everything runs on 127.0.0.1 and is
 removed at the end.
 
-    python bench/bench_first_day.py
+    PYTHONPATH=tests .venv/bin/python bench/bench_first_day.py
 """
 
 from __future__ import annotations
@@ -30,13 +30,11 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+from story_support import World, image_ready
+
+from fabfile import sandbox
+
 os.environ["PATH"] = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"
-
-from story_support import World, image_ready  # noqa: E402
-
-from fabfile import sandbox  # noqa: E402
 
 
 def timed(label: str, fn):

@@ -12,7 +12,7 @@ Target: health.check's total at most 1.3x the slowest single check.
 The checks run "on the server" through ``inv``'s local context (as cron runs
 them); from a laptop one SSH round trip is added to each measurement alike.
 
-    python bench/bench_health.py [--rounds 5] [--keep]
+    PYTHONPATH=tests .venv/bin/python bench/bench_health.py [--rounds 5] [--keep]
 
 Exit status 1 when the target is missed.
 """
@@ -27,13 +27,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+from invoke import Config, Context
 
-from invoke import Config, Context  # noqa: E402
-
-from fabfile import health  # noqa: E402
-from fabfile.host import Host  # noqa: E402
+from fabfile import health
+from fabfile.host import Host
 
 TARGET = 1.3
 

@@ -3,11 +3,18 @@
 The rig tier (``-m rig``) needs what .ci/run installs and starts: sshd from
 openssh-server, a Docker engine with Compose v2, the local registry on
 127.0.0.1:5000 with the test images (tests/rig/setup-docker.sh).
+
+``--shuffle SEED`` (an integer, or ``random``) runs the test modules in a
+shuffled order and the tests of each module in a shuffled order, to show that
+no test relies on what an earlier one left behind. A module's tests stay
+together, so module-scoped fixtures are set up once. The seed is printed in
+the header and at the end; the same seed gives the same order.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -19,11 +26,68 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 # Tools installed in the virtualenv (inv, fab, gixy, ...) must be found by the
 # subprocesses tests start, even when pytest runs as .venv/bin/python -m pytest.
 os.environ["PATH"] = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--shuffle", metavar="SEED", default=None,
+        help="shuffle test modules, then the tests inside each module; SEED is an "
+             "integer or 'random' (the seed used is printed)")
+
+
+_SHUFFLE_SEED = pytest.StashKey[int]()
+
+
+def pytest_configure(config):
+    value = config.getoption("shuffle")
+    if value is None:
+        return
+    if value == "random":
+        seed = random.SystemRandom().randrange(1, 1_000_000)
+    else:
+        try:
+            seed = int(value)
+        except ValueError:
+            raise pytest.UsageError(
+                f"--shuffle wants an integer seed or 'random', not {value!r}") from None
+    config.stash[_SHUFFLE_SEED] = seed
+
+
+def pytest_report_header(config):
+    if _SHUFFLE_SEED in config.stash:
+        return f"shuffle: --shuffle={config.stash[_SHUFFLE_SEED]}"
+    return None
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Modules in a shuffled order, then the tests of each module shuffled.
+
+    Runs before pytest's own reordering by fixture parameters, which keeps
+    parametrized higher-scoped fixtures grouped.
+    """
+    if _SHUFFLE_SEED not in config.stash:
+        return
+    rng = random.Random(config.stash[_SHUFFLE_SEED])
+    modules: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        modules.setdefault(item.nodeid.split("::", 1)[0], []).append(item)
+    order = list(modules)
+    rng.shuffle(order)
+    shuffled = []
+    for name in order:
+        tests = modules[name]
+        rng.shuffle(tests)
+        shuffled.extend(tests)
+    items[:] = shuffled
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    if _SHUFFLE_SEED in config.stash:
+        terminalreporter.write_line(f"shuffled with --shuffle={config.stash[_SHUFFLE_SEED]}")
 
 
 def free_port() -> int:

@@ -51,7 +51,6 @@ IMAGE_PACKAGES="systemd,systemd-sysv,dbus,openssh-server,cron,ufw,sudo,python3,p
 PY="$REPO/.venv/bin/python"
 [ -x "$PY" ] || die "no $PY: run tests/install-deps.sh (it makes the virtualenv first)"
 PROVISION_PACKAGES="$(cd "$REPO" && "$PY" -c "
-import sys; sys.path.insert(0, '.')
 from fabfile.provision import wanted_packages
 print(' '.join(wanted_packages('debian', '$VERSION')))")"
 [ "$SUITE" = trixie ] && PROVISION_PACKAGES="$PROVISION_PACKAGES docker-cli"
