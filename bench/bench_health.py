@@ -49,13 +49,12 @@ class LocalTarget:
 
 def timed(host, settings, probes, parallel=True) -> tuple[float, dict[str, int]]:
     """Wall-clock seconds of one run, and each probe's own milliseconds in it."""
-    import shlex
     import time
 
-    script = health.probe_script(probes, float(settings.health.timeout_seconds), parallel)
+    command = health.probe_command(probes, float(settings.health.timeout_seconds), parallel)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.monotonic()
-    r = host.check(f"bash -c {shlex.quote(script)}", timeout=120)
+    r = host.check(command, timeout=120)
     wall = time.monotonic() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     CPU.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)

@@ -26,18 +26,15 @@ from .deploy.release import ROLLING, state_dir
 from .errors import OpsError
 from .host import Host, sudo_wrap
 from .progress import step
-from .stack import compose
+from .shell import script
+from .stack import compose, compose_argv
 from .stream import stream
 
 # --- status ---------------------------------------------------------------------
 
-_STATUS_FORMAT = (
-    '@@c {{index .Config.Labels "com.docker.compose.service"}}|{{.Name}}|{{.State.Status}}|'
-    "{{if .State.Health}}{{.State.Health.Status}}{{end}}|{{.Config.Image}}|{{.Image}}|"
-    "{{.State.StartedAt}}|{{.RestartCount}}|{{.State.ExitCode}}|"
-    "{{range $p, $c := .NetworkSettings.Ports}}{{range $c}}{{.HostIp}}:{{.HostPort}}->{{$p}} "
-    "{{end}}{{end}}"
-)
+STATUS = script(__file__, "scripts/app-status.sh")
+WAIT_HEALTHY = script(__file__, "scripts/app-wait-healthy.sh")
+PROBE_SITE = script(__file__, "scripts/app-probe-site.sh")
 
 
 def maintenance_dir(settings: Settings) -> str:
@@ -50,34 +47,12 @@ def maintenance_flag(settings: Settings) -> str:
     return f"{maintenance_dir(settings)}/on"
 
 
-def lock_lines(settings: Settings) -> list[str]:
-    """``@@lock`` lines: the lock module's read-only report of who holds the stack lock."""
+def status_command(settings: Settings) -> str:
+    """Containers of the stack, their images' digests, release, lock, maintenance flag."""
     from .lock import holder_read_script, lock_dir
 
-    return [f"( {holder_read_script(lock_dir(settings))}\n) 2>/dev/null | "
-            "head -c 2000 | tr -cd '[:print:]\\n' | sed 's/^/@@lock /'"]
-
-
-def status_script(settings: Settings) -> str:
-    """Containers of the stack, their images' digests, release, lock, maintenance flag."""
-    label = shlex.quote(f"label=com.docker.compose.project={settings.compose_project}")
-    flag = shlex.quote(maintenance_flag(settings))
-    return "\n".join([
-        'echo "@@now $(date +%s)"',
-        f"ids=$(docker ps -aq --filter {label} --filter label=com.docker.compose.oneoff=False)",
-        'if [ -n "$ids" ]; then',
-        f"  docker inspect --format {shlex.quote(_STATUS_FORMAT)} $ids",
-        "  for i in $(docker inspect --format '{{.Image}}' $ids | sort -u); do",
-        "    docker image inspect --format "
-        "'@@i {{.Id}}|{{range .RepoDigests}}{{.}},{{end}}' \"$i\"",
-        "  done",
-        "fi",
-        f"echo \"@@release $(cat {shlex.quote(state_dir(settings))}/current 2>/dev/null)\"",
-        *lock_lines(settings),
-        f"if [ -e {flag} ]; then echo \"@@maintenance $(head -c 200 {flag} | head -n 1 | "
-        "tr -cd '[:print:]')\"; fi",
-        "true",
-    ])
+    return STATUS.command(settings.compose_project, state_dir(settings),
+                          maintenance_flag(settings), holder_read_script(lock_dir(settings)))
 
 
 @dataclass
@@ -221,7 +196,7 @@ def format_status(status: StackStatus) -> str:
 
 
 def read_status(host: Host, settings: Settings) -> StackStatus:
-    r = host.check(f"bash -c {shlex.quote(status_script(settings))}", sudo=True, timeout=60)
+    r = host.check(status_command(settings), sudo=True, timeout=60)
     if "@@now" not in r.stdout:
         detail = (r.stderr or r.stdout).strip().splitlines()
         raise OpsError(f"{host.name}: could not read the stack's state: "
@@ -388,22 +363,7 @@ def redis_cli(c, command=""):
 
 def wait_healthy_cmd(settings: Settings, service: str, timeout: int) -> str:
     """Wait until the service's running container is healthy; ``== status`` lines."""
-    ps = compose(settings, "ps", "-q", service)
-    return "\n".join([
-        f"end=$(( $(date +%s) + {int(timeout)} ))",
-        "while :; do",
-        f"  id=$({ps} | head -n 1)",
-        "  st=$( [ -n \"$id\" ] && docker inspect --format '{{.State.Status}} "
-        "{{if .State.Health}}{{.State.Health.Status}}{{else}}none{{end}}' \"$id\" || "
-        "echo 'no container')",
-        '  case "$st" in',
-        '    "running healthy"|"running none") echo "== status $st"; exit 0;;',
-        '    *unhealthy*|exited*|dead*) echo "== status $st"; exit 4;;',
-        "  esac",
-        '  [ "$(date +%s)" -ge "$end" ] && { echo "== status $st (timed out)"; exit 5; }',
-        "  sleep 0.5",
-        "done",
-    ])
+    return WAIT_HEALTHY.command(int(timeout), service, *compose_argv(settings))
 
 
 def restart_service(host: Host, settings: Settings, service: str) -> str:
@@ -481,19 +441,9 @@ def probe_site_cmd(settings: Settings) -> str:
     addr = local_address(settings)
     target = f"[{addr}]" if ":" in addr else addr
     port = settings.publish.https
-    resolve = shlex.quote(f"{settings.domain}:{port}:{target}")
     base = f"https://{settings.domain}:{port}"
-    site = shlex.quote(base + "/")
-    health = shlex.quote(base + settings.health.backend_path)
-    return "\n".join([
-        f"h=$(curl -sk -o /dev/null -D - --max-time 10 --resolve {resolve} {site} | "
-        "tr -d '\\r')",
-        "code=$(printf '%s\\n' \"$h\" | sed -n '1s/^HTTP[^ ]* \\([0-9]*\\).*/\\1/p')",
-        "retry=$(printf '%s\\n' \"$h\" | sed -n 's/^[Rr]etry-[Aa]fter: *//p')",
-        'echo "site ${code:-000} ${retry:--}"',
-        f"echo \"health $(curl -sk -o /dev/null -w '%{{http_code}}' --max-time 10 "
-        f"--resolve {resolve} {health})\"",
-    ])
+    return PROBE_SITE.command(f"{settings.domain}:{port}:{target}", base + "/",
+                              base + settings.health.backend_path)
 
 
 def probe_site(host: Host, settings: Settings) -> dict[str, str]:

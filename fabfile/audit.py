@@ -16,26 +16,14 @@ session's shell, under sudo); as root every ancestor is readable.
 
 from __future__ import annotations
 
-# POSIX sh; sets who_ssh to the SSH session's "$SSH_CONNECTION" (client_ip
-# client_port server_ip server_port), or '' when not run over SSH. Under sudo
-# (which drops the variable) it is read from the nearest ancestor that has it.
-SSH_CONNECTION_SH = r"""
-who_ssh=${SSH_CONNECTION:-}
-who_p=$PPID
-while [ -z "$who_ssh" ] && [ "${who_p:-1}" -gt 1 ] 2>/dev/null; do
-  who_ssh=$(tr '\0' '\n' < "/proc/$who_p/environ" 2>/dev/null | sed -n 's/^SSH_CONNECTION=//p')
-  who_st=$(cat "/proc/$who_p/stat" 2>/dev/null) || break
-  who_st=${who_st##*) }
-  who_p=$(echo "$who_st" | cut -d' ' -f2)
-done
-""".strip()
+from .shell import script
 
-# POSIX sh; sets WHO. Runs inside the server-side scripts that append log lines.
-IDENTITY_SH = SSH_CONNECTION_SH + "\n" + r"""
-set -f; set -- $who_ssh; set +f
-if [ $# -eq 4 ]; then who_ssh="$1:$2"; else who_ssh=-; fi
-WHO="server_user=$(id -un 2>/dev/null || id -u) sudo_user=${SUDO_USER:--} ssh_from=$who_ssh"
-""".strip()
+# POSIX sh snippets put in front of the scripts that need them (not run alone):
+# SSH_CONNECTION_SH sets who_ssh (the SSH session's "$SSH_CONNECTION", '' when
+# not over SSH; read from the nearest ancestor under sudo, which drops it);
+# IDENTITY_SH also sets WHO, for the scripts that append deploy log lines.
+SSH_CONNECTION_SH = script(__file__, "scripts/audit-ssh-connection.sh").text.strip()
+IDENTITY_SH = SSH_CONNECTION_SH + "\n" + script(__file__, "scripts/audit-identity.sh").text.strip()
 
 
 def append_with_identity(log: str) -> str:

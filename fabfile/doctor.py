@@ -1,7 +1,8 @@
 """doctor: a preflight of the server, before the first deploy and when in doubt.
 
-One read-only script gathers the facts on the server (one round trip); pure
-functions below judge them. Each line is ok / warn / fail with what to do.
+One read-only script (scripts/doctor-facts.sh) gathers the facts on the
+server (one round trip); pure functions below judge them. Each line is ok /
+warn / fail with what to do.
 Nothing is changed.
 """
 
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -23,7 +23,8 @@ from .core import host_for, ops_task, settings_for
 from .deploy.release import state_dir
 from .host import Host
 from .lock import holder_read_script, interrupted, lock_dir, parse_holder
-from .ssl import file_cert_command, parse_x509
+from .shell import script
+from .ssl import parse_x509
 from .stack import GENERATED_SECRETS, cert_dir, tls_domains
 
 OK, WARN, FAIL = "ok", "warn", "fail"
@@ -49,60 +50,15 @@ def _backup_kinds() -> tuple[str, ...]:
     return ("postgres", "redis")
 
 
-def facts_script(settings: Settings) -> str:
-    """Print ``@@name`` sections with everything doctor judges. Read-only."""
-    q = shlex.quote
-    root, env, d = q(settings.root), q(settings.env_file), q(state_dir(settings))
-    names = " ".join(q(n) for n in tls_domains(settings))
-    required = " ".join(REQUIRED_ENV)
-    lines = [
-        "export LC_ALL=C",
-        'echo "@@now $(date +%s.%N)"',
-        "echo '@@df'",
-        "docker_root=$(docker info --format '{{.DockerRootDir}}' 2>/dev/null)",
-        f"set --; for p in \"$docker_root\" {root} {q(settings.backup.dir)}; do "
-        "[ -n \"$p\" ] && [ -e \"$p\" ] && set -- \"$@\" \"$p\"; done",
-        'for p in "$@"; do echo "@@path $p"; done',
-        'df -P -k "$@" 2>/dev/null | tail -n +2',
-        "echo '@@inodes'",
-        'df -P -i "$@" 2>/dev/null | tail -n +2',
-        "echo '@@mem'",
-        "grep -E '^(MemTotal|MemAvailable):' /proc/meminfo",
-        "echo \"@@docker $(docker version --format '{{.Server.Version}}' 2>/dev/null)\"",
-        "echo \"@@compose $(docker compose version --short 2>/dev/null)\"",
-        "echo \"@@ntp $(timedatectl show -p NTPSynchronized --value 2>/dev/null)\"",
-        "echo \"@@addresses $(hostname -I 2>/dev/null)\"",
-        f"for n in {names}; do echo \"@@dns $n $(timeout 5 getent ahosts \"$n\" 2>/dev/null "
-        "| awk '{print $1}' | sort -u | tr '\\n' ' ')\"; done",
-        "echo '@@ports'",
-        "docker ps --format '{{.Names}}|{{.Label \"com.docker.compose.project\"}}|"
-        "{{.Label \"com.docker.compose.service\"}}|{{.Ports}}' 2>/dev/null",
-        "echo \"@@ufw $(ufw status 2>/dev/null | head -n 1)\"",
-    ]
-    for name in tls_domains(settings):
-        lines.append(f"echo '@@cert {name}'; "
-                     f"[ -f {q(cert_dir(settings, name) + '/fullchain.pem')} ] && "
-                     f"{file_cert_command(settings, name)} 2>&1")
-    for kind in _backup_kinds():
-        kdir = q(f"{settings.backup.dir}/{kind}")
-        lines.append(
-            f"m=$(ls -1t {kdir}/*.json 2>/dev/null | head -n 1); "
-            f"if [ -n \"$m\" ]; then echo \"@@backup {kind} $(stat -c %Y \"$m\") "
-            "$(grep -c '\"offsite\"' \"$m\") $m\"; else echo \"@@backup " + kind + " none\"; fi")
-    lines += [
-        f"if [ -f {env} ]; then echo \"@@env $(stat -c '%a %U' {env})\"",
-        f"  for n in {required}; do v=$(grep -m1 \"^$n=\" {env}) || {{ echo \"@@unset $n\"; "
-        "continue; }; v=${v#*=}; v=${v%\\\"}; v=${v#\\\"}; "
-        "case \"$v\" in ''|CHANGE_ME) echo \"@@unset $n\";; esac; done",
-        "else echo '@@env missing'; fi",
-        f"( {holder_read_script(lock_dir(settings))}\n) 2>/dev/null | head -c 2000 | "
-        "tr -cd '[:print:]\\n' | sed 's/^/@@holder /'",
-        f"if [ -e {d}/lock.owner ]; then echo \"@@ownerfile $(stat -c %Y {d}/lock.owner) "
-        f"$(head -c 300 {d}/lock.owner | head -n 1 | tr -cd '[:print:]')\"; fi",
-        f"echo '@@journal'; tail -n 300 {d}/journal 2>/dev/null",
-        "true",
-    ]
-    return "\n".join(lines)
+FACTS = script(__file__, "scripts/doctor-facts.sh")
+
+
+def facts_command(settings: Settings) -> str:
+    """The command printing ``@@name`` sections with everything doctor judges. Read-only."""
+    return FACTS.command(settings.root, settings.backup.dir, settings.env_file,
+                         state_dir(settings), cert_dir(settings, "").rstrip("/"),
+                         " ".join(REQUIRED_ENV), " ".join(_backup_kinds()),
+                         holder_read_script(lock_dir(settings)), *tls_domains(settings))
 
 
 def parse_facts(text: str) -> dict:
@@ -462,9 +418,8 @@ def access_checks(host: Host, settings: Settings) -> tuple[Check, Check, bool]:
 
 def run_doctor(host: Host, settings: Settings) -> list[Check]:
     ssh, sudo, privileged = access_checks(host, settings)
-    script = facts_script(settings)
     t0 = time.time()
-    r = host.check(f"bash -c {shlex.quote(script)}", sudo=privileged, timeout=120)
+    r = host.check(facts_command(settings), sudo=privileged, timeout=120)
     t1 = time.time()
     facts = parse_facts(r.stdout)
     skew = None

@@ -1,7 +1,7 @@
 """Health of the running stack, checked on the server, all checks at once.
 
-One shell script is sent to the server (one SSH round trip from a laptop, or
-run locally by ``inv`` on the server). It starts every check in the
+One shell script (scripts/health-probes.sh) is sent to the server (one SSH
+round trip from a laptop, or run locally by ``inv`` on the server). It starts every check in the
 background, each one bounded by ``health.timeout_seconds`` (``timeout``), waits
 for all of them and prints their raw results; the verdicts are computed here
 from those results by pure functions.
@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -31,7 +30,9 @@ from .config import SERVICES, Settings
 from .core import host_for, ops_task, settings_for
 from .errors import OpsError
 from .host import Host
-from .ssl import cert_names, local_address, parse_x509, served_cert_command
+from .shell import q, script
+from .shell import sections as framed
+from .ssl import cert_names, local_address, parse_x509
 
 OK, WARNING, CRITICAL = "ok", "warning", "critical"
 EXIT_CODES = {OK: 0, WARNING: 1, CRITICAL: 2}
@@ -76,10 +77,10 @@ def http_endpoints(settings: Settings) -> list[tuple[str, str, str, str]]:
     ]
 
 
-# (a --write-out starting with "@" would name a file to read the format from)
-_WRITE_OUT = ("~~t %{filename_effective}|%{http_code}|%{time_total}|%{exitcode}|%{errormsg}"
-              "\\n%{certs}")
 _CERT_FIELDS = ("Subject:", "Issuer:", "Serial Number:", "Expire date:")
+PROBES = script(__file__, "scripts/health-probes.sh")
+HTTP = script(__file__, "scripts/health-http.sh")
+DOCKER = script(__file__, "scripts/health-docker.sh")
 
 
 def cert_endpoints(settings: Settings) -> list[tuple[str, str]]:
@@ -88,46 +89,15 @@ def cert_endpoints(settings: Settings) -> list[tuple[str, str]]:
 
 
 def _http_command(settings: Settings, keys: list[str], timeout: float) -> str:
-    """One curl, all requests at once (--parallel), through nginx with SNI.
+    """One curl, all requests at once, through nginx with SNI (scripts/health-http.sh).
 
-    Each transfer opens its own connection (--parallel-immediate) with a full
-    handshake (--no-sessionid), so each reports the certificate it was served
-    (curl >= 7.88 ``%{certs}``; older curl: openssl afterwards). The
-    certificate checks request ``/../`` with --path-as-is: nginx refuses it
-    itself (400), no upstream is involved.
-    Each transfer gets ``timeout`` (--max-time is per transfer); bodies go to
-    files in the script's temporary directory and are printed after.
+    The certificate checks request ``/../``; bodies go to files in the probe's
+    temporary directory and are printed after.
     """
-    port = settings.publish.https
-    address = local_address(settings)
-    target = f"[{address}]" if ":" in address else address
     chosen = [(k, h, path) for k, _, h, path in http_endpoints(settings) if k in keys]
     chosen += [(k, h, "/../") for k, h in cert_endpoints(settings) if k in keys]
-    hosts = sorted({host for _, host, _ in chosen})
-    # --no-sessionid: a resumed TLS session (curl reuses them across transfers)
-    # sends no certificate, so that transfer's %{certs} would be empty.
-    parts = ["curl -s -k --no-sessionid --path-as-is --parallel --parallel-immediate "
-             "--parallel-max 16",
-             f"--max-time {timeout:g}",
-             # past the maintenance page (app.maintenance-on): the real site is checked
-             "-H 'X-Maicivy-Check: health'"]
-    parts += [f"--resolve {shlex.quote(f'{h}:{port}:{target}')}" for h in hosts]
-    parts.append(f"-w '{_WRITE_OUT}'")
-    for key, host, path in chosen:
-        parts.append(f"-o \"$T/http.{key}\" {shlex.quote(f'https://{host}:{port}{path}')}")
-    fields = "|".join(f.rstrip(":") for f in _CERT_FIELDS)
-    script = [" ".join(parts) + " 2>/dev/null >\"$T/http.curl\"",
-              f"grep -E '^(~~t |({fields}):)' \"$T/http.curl\""]
-    bodies = " ".join(k for k, _, path in chosen if path != "/../")
-    if bodies:
-        script.append(f"for k in {bodies}; do echo \"@@body $k\"; "
-                      "head -c 2000 \"$T/http.$k\" 2>/dev/null; echo; done")
-    fallback = [(k, h) for k, h, path in chosen if path == "/../"]
-    if fallback:  # curl older than 7.88 has no %{certs}
-        script.append("if ! grep -q '^Expire date:' \"$T/http.curl\"; then " + "; ".join(
-            f"echo '@@openssl {k}'; {served_cert_command(settings, h, timeout)}"
-            for k, h in fallback) + "; fi")
-    return "; ".join(script)
+    return HTTP.command(f"{timeout:g}", settings.publish.https, local_address(settings),
+                        *[word for transfer in chosen for word in transfer])
 
 
 def http_probe(settings: Settings, keys: list[str] | None = None, id: str = "http") -> Probe:
@@ -158,71 +128,15 @@ def curl_certs_to_x509(text: str) -> str:
     return "\n".join(f"{k}={v}" for k, v in out.items())
 
 
-def _project_filter(settings: Settings) -> str:
-    return (f"--filter label=com.docker.compose.project={shlex.quote(settings.compose_project)} "
-            "--filter label=com.docker.compose.oneoff=False")
-
-
 DOCKER_PARTS = ("prometheus", "services", "disk")
-# One line per container of the stack: service, state, health, exit code, pid,
-# id and (for postgres) where its data volume lives on the server.
-INSPECT_FORMAT = (
-    '@@c {{index .Config.Labels "com.docker.compose.service"}}|{{.State.Status}}|'
-    "{{if .State.Health}}{{.State.Health.Status}}{{end}}|{{.State.ExitCode}}|"
-    "{{.State.Pid}}|{{.Id}}|{{range .Mounts}}"
-    '{{if eq .Destination "/var/lib/postgresql/data"}}{{.Source}}{{end}}{{end}}'
-)
 
 
 def _docker_command(settings: Settings, parts: tuple[str, ...], timeout: float) -> str:
-    """docker ps + ONE docker inspect of the stack, then Prometheus readiness and df.
-
-    The docker CLI, not compose: compose parses the whole project first and
-    costs ten times as much CPU. Prometheus is not published: as root we
-    nsenter its network namespace and use the server's curl (a few ms),
-    otherwise ``docker exec`` its wget.
-    """
+    """docker ps + ONE docker inspect of the stack, then Prometheus readiness and df
+    (scripts/health-docker.sh)."""
     url = f"http://127.0.0.1:{settings.ports.prometheus}/-/ready"
-    paths = " ".join(shlex.quote(p) for _, p in disk_paths(settings)[1:])
-    lines = [
-        f"ids=$(docker ps -aq {_project_filter(settings)})",
-        "info=''",
-        f"if [ -n \"$ids\" ]; then info=$(docker inspect --format {shlex.quote(INSPECT_FORMAT)}"
-        " $ids 2>/dev/null); fi",
-        "prom_pid=''; prom_id=''; volume=''",
-        "while IFS='|' read -r svc state health code pid id vol; do",
-        "  if [ \"$svc\" = '@@c prometheus' ] && [ \"$state\" = running ]; then",
-        "    prom_pid=$pid; prom_id=$id; fi",
-        "  if [ -n \"$vol\" ]; then volume=$vol; fi",
-        "done <<<\"$info\"",
-    ]
-    if "services" in parts:
-        lines.append("echo '@@section services'; printf '%s\\n' \"$info\"")
-    if "prometheus" in parts:
-        lines += [
-            "( echo '@@section prometheus'",
-            "  if [ -z \"$prom_id\" ]; then echo 'no running prometheus container'; rc=1",
-            "  elif [ \"$EUID\" = 0 ] && [ \"${prom_pid:-0}\" -gt 0 ] && command -v nsenter "
-            ">/dev/null; then",
-            f"    nsenter -t \"$prom_pid\" -n curl -sS -f --max-time {timeout:g} {url} 2>&1; rc=$?",
-            f"  else docker exec \"$prom_id\" wget -q -O - {url} 2>&1; rc=$?; fi",
-            "  echo \"@@rc $rc\" ) >\"$T/docker.prometheus\" &",
-        ]
-    if "disk" in parts:
-        lines += [
-            "( echo '@@section disk'",
-            "  root=${volume:-$(docker info --format '{{.DockerRootDir}}' 2>/dev/null)}",
-            f"  set --; for p in \"$root\" {paths}; do",
-            "    if [ -n \"$p\" ] && [ -e \"$p\" ]; then",
-            "      echo \"@@path $p\"; set -- \"$@\" \"$p\"; fi",
-            "  done; echo \"@@docker $root\"; echo @@df; df -P -k \"$@\" 2>&1",
-            ") >\"$T/docker.disk\" &",
-        ]
-    lines.append("wait")
-    for part in ("prometheus", "disk"):
-        if part in parts:
-            lines.append(f"cat \"$T/docker.{part}\"")
-    return "\n".join(lines)
+    return DOCKER.command(settings.compose_project, " ".join(parts), f"{timeout:g}", url,
+                          *[p for _, p in disk_paths(settings)[1:]])
 
 
 def docker_probe(settings: Settings, parts: tuple[str, ...] = DOCKER_PARTS,
@@ -237,7 +151,7 @@ def maintenance_probe(settings: Settings) -> Probe:
     """Whether the maintenance page is up (app.maintenance-on): the flag's note."""
     from .app import maintenance_flag
 
-    flag = shlex.quote(maintenance_flag(settings))
+    flag = q(maintenance_flag(settings))
     return Probe("maintenance", "maintenance",
                  f"if [ -e {flag} ]; then echo \"on $(head -c 200 {flag} | head -n 1)\"; "
                  "else echo off; fi")
@@ -258,8 +172,9 @@ def probes(settings: Settings) -> list[Probe]:
     return [http_probe(settings), docker_probe(settings), maintenance_probe(settings)]
 
 
-def probe_script(selected: list[Probe], timeout: float, parallel: bool = True) -> str:
-    """Bash: run every probe in the background under ``timeout``, then print results.
+def probe_command(selected: list[Probe], timeout: float, parallel: bool = True) -> str:
+    """Run every probe in the background under ``timeout``, then print the results
+    (scripts/health-probes.sh).
 
     Output: ``@@probe <id> <exit code> <milliseconds>`` followed by (the end of)
     what the probe printed. Exit code 124 means the probe timed out.
@@ -268,33 +183,8 @@ def probe_script(selected: list[Probe], timeout: float, parallel: bool = True) -
     for p in selected:
         if not _ID.match(p.id):
             raise ValueError(f"bad probe id {p.id!r}")
-    ids = " ".join(p.id for p in selected)
-    lines = [
-        "set -u",
-        "export LC_ALL=C",
-        'T=$(mktemp -d "${TMPDIR:-/tmp}/maicivy-health.XXXXXX") || exit 90',
-        "export T",
-        "trap 'rm -rf \"$T\"' EXIT",
-        "probe() {",
-        "  local id=$1 t=${EPOCHREALTIME:-0.0}",
-        "  local start=${t/./}",
-        f"  timeout -k 1 {timeout + 1:g} bash -c \"$2\" >\"$T/$id.out\" 2>&1 </dev/null",
-        "  local rc=$?",
-        "  t=${EPOCHREALTIME:-0.0}",
-        "  echo \"$rc $(( (${t/./} - start) / 1000 ))\" >\"$T/$id.rc\"",
-        "}",
-    ]
-    for p in selected:
-        lines.append(f"probe {p.id} {shlex.quote(p.command)}" + (" &" if parallel else ""))
-    lines += [
-        "wait",
-        f"for id in {ids}; do",
-        "  rc='125 0'; if [ -f \"$T/$id.rc\" ]; then read -r rc <\"$T/$id.rc\"; fi",
-        "  echo \"@@probe $id $rc\"",
-        "  tail -c 8192 \"$T/$id.out\" 2>/dev/null; echo",
-        "done",
-    ]
-    return "\n".join(lines) + "\n"
+    return PROBES.command(f"{timeout + 1:g}", 1 if parallel else 0,
+                          *[word for p in selected for word in (p.id, p.command)])
 
 
 def parse_probe_output(text: str) -> dict[str, tuple[int, int, str]]:
@@ -342,10 +232,13 @@ def http_row(label: str, rc: int, output: str, timeout: float, seconds: float,
     return Row(label, OK, f"HTTP {status}", seconds)
 
 
-def http_rows(settings: Settings, keys: tuple[str, ...], rc: int, output: str,
-              timeout: float, now: float | None = None) -> list[Row]:
-    """Rows of the HTTP and certificate checks from the combined curl's output."""
-    now = time.time() if now is None else now
+def parse_curl(output: str) -> tuple[dict[str, list[str]], dict[str, list[str]],
+                                     dict[str, list[str]]]:
+    """(transfers, certificates, bodies) of scripts/health-http.sh's output, by key.
+
+    A transfer is [http code, seconds, curl exit code, error]; a certificate is
+    curl's ``%{certs}`` lines (or openssl's fallback); a body, its lines.
+    """
     transfers: dict[str, list[str]] = {}
     certs: dict[str, list[str]] = {}
     bodies: dict[str, list[str]] = {}
@@ -366,6 +259,14 @@ def http_rows(settings: Settings, keys: tuple[str, ...], rc: int, output: str,
             (bodies if current in bodies else certs)[current].append(line)
         elif cert_of is not None and line.startswith(_CERT_FIELDS):
             certs[cert_of].append(line)
+    return transfers, certs, bodies
+
+
+def http_rows(settings: Settings, keys: tuple[str, ...], rc: int, output: str,
+              timeout: float, now: float | None = None) -> list[Row]:
+    """Rows of the HTTP and certificate checks from the combined curl's output."""
+    now = time.time() if now is None else now
+    transfers, certs, bodies = parse_curl(output)
     rows = []
     for key, label, _, _ in http_endpoints(settings):
         if key not in keys:
@@ -382,21 +283,25 @@ def http_rows(settings: Settings, keys: tuple[str, ...], rc: int, output: str,
         expect = _grafana_ok if key == "grafana" else None
         rows.append(http_row(label, curl_rc, f"{text}\n{code}", timeout, _seconds(took), expect))
     for key, name in cert_endpoints(settings):
-        if key not in keys:
-            continue
-        lines = certs.get(key, [])
-        took = _seconds(transfers[key][1]) if key in transfers else None
-        if not lines and key in transfers and transfers[key][2] not in ("", "0"):
-            error = transfers[key][3]
-            lines = [error]
-            cert_rc = 28 if transfers[key][2] == "28" else 1
-        else:
-            cert_rc = 0 if lines else rc
-        text = "\n".join(lines)
-        if "Expire date:" in text:
-            text = curl_certs_to_x509(text)
-        rows.append(cert_row(settings, name, cert_rc, text, now, timeout, took))
+        if key in keys:
+            rows.append(_served_cert_row(settings, name, transfers.get(key), certs.get(key, []),
+                                         rc, now, timeout))
     return rows
+
+
+def _served_cert_row(settings: Settings, name: str, transfer: list[str] | None,
+                     lines: list[str], rc: int, now: float, timeout: float) -> Row:
+    """The certificate row of one name: what its transfer was served (or why not)."""
+    took = _seconds(transfer[1]) if transfer else None
+    if not lines and transfer and transfer[2] not in ("", "0"):
+        lines = [transfer[3]]
+        cert_rc = 28 if transfer[2] == "28" else 1
+    else:
+        cert_rc = 0 if lines else rc
+    text = "\n".join(lines)
+    if "Expire date:" in text:
+        text = curl_certs_to_x509(text)
+    return cert_row(settings, name, cert_rc, text, now, timeout, took)
 
 
 def _seconds(text: str) -> float | None:
@@ -472,23 +377,10 @@ def service_rows(settings: Settings, rc: int, output: str, seconds: float) -> li
     return rows
 
 
-def _sections(output: str) -> dict[str, str]:
-    """``@@section NAME`` blocks of the docker probe's output."""
-    found: dict[str, list[str]] = {}
-    current = None
-    for line in output.splitlines():
-        if line.startswith("@@section "):
-            current = line.split(" ", 1)[1].strip()
-            found[current] = []
-        elif current is not None:
-            found[current].append(line)
-    return {k: "\n".join(v) for k, v in found.items()}
-
-
 def docker_rows(settings: Settings, parts: tuple[str, ...], rc: int, output: str,
                 timeout: float, seconds: float) -> list[Row]:
     """Rows of Prometheus readiness, every service and the disks, from the docker probe."""
-    sections = _sections(output)
+    sections = {name: "\n".join(lines) for name, lines in framed(output).items()}
     rows: list[Row] = []
     if "docker:prometheus" in parts:
         text = sections.get("prometheus")
@@ -656,10 +548,10 @@ def run_probes(host: Host, settings: Settings, selected: list[Probe],
                parallel: bool = True) -> tuple[list[Row], float]:
     """Run the given probes on the server in parallel; (rows, wall-clock seconds)."""
     timeout = float(settings.health.timeout_seconds)
-    script = probe_script(selected, timeout, parallel=parallel)
+    command = probe_command(selected, timeout, parallel=parallel)
     start = time.monotonic()
     budget = timeout + 30 if parallel else (timeout + 2) * len(selected) + 30
-    r = host.check(f"bash -c {shlex.quote(script)}", sudo=True, timeout=budget)
+    r = host.check(command, sudo=True, timeout=budget)
     elapsed = time.monotonic() - start
     results = parse_probe_output(r.stdout)
     if not results:

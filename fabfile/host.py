@@ -11,10 +11,11 @@ It adds what invoke/fabric lack for operations work:
   whole command line, not only its first word, runs privileged;
 * atomic, verified file writes (0600 temporary name, fsync, size and sha256
   read back, rename) that work on both sides and fail loudly;
+* one byte stream to a command (:meth:`Host.stream`), a local subprocess or an
+  SSH channel, for what must not be kept in memory or lives as long as a task;
 * strict SSH host key checking (see :func:`harden_connection`).
 
-The helpers at the bottom follow patchwork's API (``exists``, ``contains``,
-``append``, ``directory``) plus ``upload_if_changed``.
+``upload_if_changed`` at the bottom writes only the files whose content differs.
 """
 
 from __future__ import annotations
@@ -22,21 +23,16 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import shlex
+import select
+import subprocess
 import sys
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+
+from fabric import Connection
 
 from .errors import HostKeyError, OpsError
-from .shell import last_lines
-
-try:  # fabric is a hard dependency, but keep the import failure readable.
-    from fabric import Connection
-except ImportError:  # pragma: no cover
-    Connection = None  # type: ignore[assignment,misc]
-
+from .shell import last_lines, q, script, words
 
 # --- SSH host keys ------------------------------------------------------------
 
@@ -54,7 +50,7 @@ def harden_connection(conn, extra_known_hosts: Iterable[str] = ()) -> None:
     target's key is checked here either way. Safe to call more than once; a
     no-op for local contexts.
     """
-    if Connection is None or not isinstance(conn, Connection):
+    if not isinstance(conn, Connection):
         return
     import paramiko
 
@@ -108,7 +104,6 @@ class Result:
     exited: int
     stdout: str = ""
     stderr: str = ""
-    dry: bool = False
 
     @property
     def ok(self) -> bool:
@@ -121,7 +116,7 @@ class Result:
 
 def sudo_wrap(command: str) -> str:
     """Run the *whole* command line privileged, quoting it once for bash."""
-    return f"sudo -n bash -c {shlex.quote(command)}"
+    return f"sudo -n bash -c {q(command)}"
 
 
 @dataclass
@@ -132,14 +127,13 @@ class Host:
     dry_run: bool = False
     use_sudo: bool = False
     out: object = field(default=None, repr=False)
-    actions: list[str] = field(default_factory=list)
     # The stack lock this task holds (fabfile.lock.StackLock): every changing command
     # runs only while it is still ours; a lost connection is never silently reopened.
     guard: object = field(default=None, repr=False)
 
     @property
     def is_remote(self) -> bool:
-        return Connection is not None and isinstance(self.c, Connection)
+        return isinstance(self.c, Connection)
 
     @property
     def name(self) -> str:
@@ -151,21 +145,30 @@ class Host:
     def say(self, message: str) -> None:
         print(message, file=self.out or sys.stdout, flush=True)
 
-    def open_channel(self, command: str, *, sudo: bool = False, timeout: float | None = None):
-        """Start ``command`` on a raw SSH channel (remote hosts only), returning the channel.
+    def stream(self, command: str, *, sudo: bool = False) -> Stream:
+        """Start ``command`` on the target with its stdin, stdout and stderr as byte
+        streams: a raw SSH channel (``fab``) or a local subprocess (``inv``).
 
-        For byte streams and long-lived holders that must not go through
-        ``run()`` (which keeps and decodes all output in memory).
+        For byte streams and long-lived holders that must not go through ``run()``
+        (which keeps and decodes all output in memory). The command runs detached
+        from our terminal on both sides (Ctrl-C reaches only us); what must stop
+        with us watches its stdin (see :mod:`fabfile.stream`, :mod:`fabfile.lock`).
         """
         if sudo and self.use_sudo:
             command = sudo_wrap(command)
-        if not self.c.is_connected:
-            self.c.open()
-        chan = self.c.client.get_transport().open_session()
-        if timeout is not None:
-            chan.settimeout(timeout)
-        chan.exec_command(command)
-        return chan
+        if not self.is_remote:
+            return ProcessStream(command)
+        try:
+            if not self.c.is_connected:
+                self.c.open()
+            chan = self.c.client.get_transport().open_session()
+            chan.exec_command(command)
+        except Exception as exc:
+            ssh = explain_ssh_error(exc, self.name)
+            if ssh is not None:
+                raise ssh from exc
+            raise
+        return ChannelStream(chan)
 
     def _invoke(
         self,
@@ -223,9 +226,8 @@ class Host:
         if the lock is still ours (:meth:`fabfile.lock.StackLock.wrap`).
         """
         if self.dry_run:
-            self.actions.append(command)
             self.say(f"[dry-run] would run: {command}")
-            return Result(command, 0, dry=True)
+            return Result(command, 0)
         if self.guard is None:
             return self._invoke(command, sudo=sudo, warn=warn, hide=hide, timeout=timeout,
                                 pty=pty)
@@ -251,6 +253,9 @@ class Host:
 
     # -- files -----------------------------------------------------------------
 
+    def _where(self) -> str:
+        return f" on {self.name}" if self.is_remote else ""
+
     def write_file(
         self,
         path: str,
@@ -261,97 +266,58 @@ class Host:
     ) -> None:
         """Write ``data`` to ``path`` atomically, verified; raise OpsError if it failed.
 
-        The bytes go to a temporary file in the same directory that is created
-        0600 before the first byte (mktemp), fsynced, checked (size and sha256
-        read back from the disk), chmodded to ``mode`` and renamed into place.
-        Remotely this is one round trip: the data on the stdin of one command
-        (privileged as a whole with ``sudo``), never a staging copy elsewhere,
-        never paramiko's pipelined SFTP writes (whose errors are dropped). A
-        failure (e.g. a full disk) leaves the old file untouched, no temporary
-        file, and raises one line naming ``path`` and the cause.
+        One command (host-write.sh, privileged as a whole with ``sudo``) gets the
+        bytes on its stdin, here or over SSH: they go to a temporary file in the
+        same directory that is 0600 before the first byte (mktemp), fsynced,
+        checked (size and sha256 read back from the disk), chmodded to ``mode``
+        and renamed into place. Never a staging copy elsewhere, never paramiko's
+        pipelined SFTP writes (whose errors are dropped). A failure (e.g. a full
+        disk) leaves the old file untouched, no temporary file, and raises one
+        line naming ``path`` and the cause.
         """
         if isinstance(data, str):
             data = data.encode()
-        if self.guard is not None and not self.dry_run:
-            self.guard.check_alive()
         if self.dry_run:
-            self.actions.append(f"write {path}")
             self.say(f"[dry-run] would write {path} ({len(data)} bytes, mode {mode:o})")
             return
-        if self.is_remote:
-            self._write_remote(path, data, mode=mode, sudo=sudo)
-        else:
-            self._write_local(path, data, mode=mode)
-
-    def _write_local(self, path: str, data: bytes, *, mode: int) -> None:
-        directory = os.path.dirname(path) or "."
-        base = os.path.basename(path)
-        local_tmp = None
-        try:
-            # mkstemp: O_CREAT|O_EXCL, 0600 from the start.
-            fd, local_tmp = tempfile.mkstemp(prefix=f".{base}.", dir=directory)
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            with open(local_tmp, "rb") as fh:
-                back = fh.read()
-            if back != data:
-                raise OSError(f"read back {len(back)} bytes, wrote {len(data)}")
-            os.chmod(local_tmp, mode)
-            os.replace(local_tmp, path)
-            local_tmp = None
-        except OSError as exc:
-            raise OpsError(f"cannot write {path}: {exc.strerror or exc}") from None
-        finally:
-            if local_tmp is not None and os.path.exists(local_tmp):
-                os.unlink(local_tmp)
-
-    def _write_remote(self, path: str, data: bytes, *, mode: int, sudo: bool) -> None:
-        size, digest = len(data), hashlib.sha256(data).hexdigest()
-        command = "bash -c " + shlex.quote(WRITE_SH) + " write " + " ".join(
-            shlex.quote(a) for a in (path, f"{mode:o}", str(size), digest))
-        try:
-            chan = self.open_channel(command, sudo=sudo)
-        except Exception as exc:
-            ssh = explain_ssh_error(exc, self.name)
-            if ssh is not None:
-                raise ssh from exc
-            raise
-        try:
-            try:
-                view = memoryview(data)
-                for i in range(0, size, 1 << 20):
-                    chan.sendall(view[i:i + (1 << 20)])
-                chan.shutdown_write()
-            except OSError:
-                pass  # the command ended early (its stderr says why)
-            out = _drain(chan)
-            status = chan.recv_exit_status()
-        finally:
-            chan.close()
-        stdout, stderr = out
-        if status != 0 or stdout.split() != ["ok", str(size), digest]:
-            raise OpsError(f"cannot write {path} on {self.name}: {_cause(stderr, stdout)}")
+        if self.guard is not None:
+            self.guard.check_alive()
+        digest = sha256(data)
+        status, stdout, stderr = self.pipe(
+            WRITE.command(path, f"{mode:o}", len(data), digest), data, sudo=sudo)
+        if status != 0 or stdout.split() != [b"ok", str(len(data)).encode(), digest.encode()]:
+            raise OpsError(f"cannot write {path}{self._where()}: "
+                           f"{_cause(stderr, stdout.decode(errors='replace'))}")
 
     def read_file(self, path: str, *, sudo: bool = False) -> bytes:
         """Read a small file (config, manifest). Large files: stream, never this."""
         if self.is_remote and not (sudo and self.use_sudo):
             with self.c.sftp().open(path, "rb") as fh:
                 return fh.read()
-        if not self.is_remote:
-            return Path(path).read_bytes()
-        r = self.check(f"cat {shlex.quote(path)}", sudo=True, warn=False)
-        return r.stdout.encode()
+        status, data, stderr = self.pipe(f"cat -- {q(path)}", sudo=sudo)
+        if status != 0:
+            raise OpsError(f"cannot read {path}{self._where()}: {last_lines(stderr)}")
+        return data
+
+    def pipe(self, command: str, data: bytes = b"", *,
+             sudo: bool = False) -> tuple[int, bytes, str]:
+        """Run ``command`` with ``data`` on its stdin, to its end, through :meth:`stream`:
+        (exit status, stdout, stderr). Bytes in, bytes out, nothing decoded."""
+        running = self.stream(command, sudo=sudo)
+        try:
+            running.send(data)
+            stdout = running.read_all()
+            return running.wait(), stdout, running.stderr_text()
+        finally:
+            running.close()
 
     def hashes(self, paths: Iterable[str], *, sudo: bool = False) -> dict[str, str]:
         """sha256 of each existing path, in ONE round trip (missing ones are absent)."""
         paths = list(paths)
         if not paths:
             return {}
-        quoted = " ".join(shlex.quote(p) for p in paths)
-        r = self.check(f"for f in {quoted}; do [ -f \"$f\" ] && sha256sum -- \"$f\"; done; true",
-                       sudo=sudo)
+        r = self.check(f"for f in {words(*paths)}; do [ -f \"$f\" ] && sha256sum -- \"$f\"; "
+                       "done; true", sudo=sudo)
         found: dict[str, str] = {}
         for line in r.stdout.splitlines():
             digest, _, name = line.partition("  ")
@@ -360,33 +326,192 @@ class Host:
         return found
 
 
-# The remote half of Host.write_file: $1 path, $2 mode (octal), $3 size, $4 sha256.
-# The temporary file is 0600 from creation (umask + mktemp), removed on any
-# failure (also when the connection drops: stdin ends short, the check fails).
-WRITE_SH = r"""set -u
-umask 077
-path=$1; mode=$2; size=$3; sha=$4
-fail() { printf 'FAILED: %s\n' "$*" >&2; exit 1; }
-tmp=$(mktemp -p "$(dirname -- "$path")" ".${path##*/}.XXXXXXXX" 2>&1) || fail "$tmp"
-trap 'rm -f -- "$tmp"' EXIT
-err=$(cat 2>&1 > "$tmp") || fail "${err:-cat failed}"
-err=$(sync -- "$tmp" 2>&1) || fail "${err:-fsync failed}"
-got=$(stat -c %s -- "$tmp") || fail "cannot stat $tmp"
-[ "$got" = "$size" ] || fail "wrote $got of $size bytes (connection lost?)"
-got_sha=$(sha256sum < "$tmp") || fail "cannot read $tmp back"
-[ "${got_sha%% *}" = "$sha" ] || fail "the bytes read back differ from those sent"
-chmod "$mode" -- "$tmp" || fail "cannot chmod $tmp"
-err=$(mv -f -- "$tmp" "$path" 2>&1) || fail "${err:-mv failed}"
-trap - EXIT
-echo "ok $got ${got_sha%% *}"
-"""
+WRITE = script(__file__, "scripts/host-write.sh")
 
 
-def _drain(chan) -> tuple[str, str]:
-    """All of a channel's stdout, then its stderr (both small; paramiko buffers stderr)."""
-    out = chan.makefile("rb").read()
-    err = chan.makefile_stderr("rb").read()
-    return out.decode(errors="replace"), err.decode(errors="replace")
+# --- streams: one command's stdin, stdout and stderr, here or over SSH ----------------
+
+CHUNK = 1 << 20
+STDERR_KEPT = 1 << 16  # the tail of stderr kept for an error message
+
+
+class Stream:
+    """A running command: :meth:`send` to its stdin, :meth:`read` its stdout, its
+    stderr kept for the error message (or taken as it comes with :meth:`poll`)."""
+
+    def send(self, data: bytes) -> None:
+        """Write all of ``data`` to its stdin, then close it. A command that ended
+        early is not an error here: its exit status and stderr say why."""
+        view = memoryview(data)
+        try:
+            for i in range(0, len(view), CHUNK):
+                self.write(view[i:i + CHUNK])
+        except OSError:
+            pass
+        self.close_stdin()
+
+    def read_all(self) -> bytes:
+        """Its stdout to the end."""
+        parts = []
+        while chunk := self.read(CHUNK):
+            parts.append(chunk)
+        return b"".join(parts)
+
+    def finish(self, what: str) -> int:
+        """Close stdin, wait for the end; raise OpsError("<what>: <last lines of
+        stderr>") unless it exited 0."""
+        self.close_stdin()
+        status = self.wait()
+        if status != 0:
+            raise OpsError(f"{what}: {last_lines(self.stderr_text())}")
+        return status
+
+    # Each transport provides:
+    def write(self, data) -> None: ...
+    def close_stdin(self) -> None: ...
+    def read(self, size: int) -> bytes: ...
+    def poll(self, timeout: float) -> tuple[bytes, bytes]: ...
+    def done(self) -> bool: ...
+    def wait(self, timeout: float | None = None) -> int | None: ...
+    def stderr_text(self) -> str: ...
+    def alive(self) -> bool: ...
+    def close(self) -> None: ...
+
+
+class ChannelStream(Stream):
+    """The command on a paramiko channel (paramiko buffers its stderr)."""
+
+    def __init__(self, chan):
+        self.chan = chan
+        self.transport = chan.get_transport()
+
+    def write(self, data) -> None:
+        self.chan.sendall(data)
+
+    def close_stdin(self) -> None:
+        try:
+            self.chan.shutdown_write()
+        except OSError:  # the connection is gone: so is the command
+            pass
+
+    def read(self, size: int) -> bytes:
+        return self.chan.recv(size)
+
+    def poll(self, timeout: float) -> tuple[bytes, bytes]:
+        select.select([self.chan], [], [], timeout)
+        out = self.chan.recv(65536) if self.chan.recv_ready() else b""
+        err = self.chan.recv_stderr(65536) if self.chan.recv_stderr_ready() else b""
+        return out, err
+
+    def done(self) -> bool:
+        return (self.chan.exit_status_ready() and not self.chan.recv_ready()
+                and not self.chan.recv_stderr_ready())
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        if not self.chan.status_event.wait(timeout):
+            return None
+        return self.chan.recv_exit_status()
+
+    def stderr_text(self) -> str:
+        return self.chan.makefile_stderr("rb").read()[-STDERR_KEPT:].decode(errors="replace")
+
+    def alive(self) -> bool:
+        return self.transport is not None and self.transport.is_active()
+
+    def close(self) -> None:
+        self.chan.close()
+
+
+class ProcessStream(Stream):
+    """The command in a local ``bash -c``, in a session of its own (as over SSH, our
+    terminal's Ctrl-C does not reach it). Its stdout and stderr are read while we
+    write (kept until asked for, as paramiko does), so no pipe fills while we wait
+    on another."""
+
+    def __init__(self, command: str):
+        self.proc = subprocess.Popen(["bash", "-c", command], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     bufsize=0, start_new_session=True)
+        self.out_fd, self.err_fd = self.proc.stdout.fileno(), self.proc.stderr.fileno()
+        os.set_blocking(self.proc.stdin.fileno(), False)
+        self.open = {self.out_fd, self.err_fd}
+        self.out = bytearray()  # stdout read but not yet asked for
+        self.err = bytearray()  # the tail of stderr
+        self.err_total = self.err_given = 0  # bytes of stderr read, and given by poll()
+
+    def _take(self, fds) -> None:
+        for fd in fds:
+            data = os.read(fd, 65536)
+            if not data:
+                self.open.discard(fd)
+            elif fd == self.out_fd:
+                self.out += data
+            else:
+                self.err += data
+                self.err_total += len(data)
+                del self.err[:-STDERR_KEPT]
+
+    def _pending(self, size: int) -> bytes:
+        data = bytes(self.out[:size])
+        del self.out[:size]
+        return data
+
+    def write(self, data) -> None:
+        view = memoryview(data)
+        stdin = self.proc.stdin.fileno()
+        while view:
+            readable, writable, _ = select.select(list(self.open), [stdin], [])
+            self._take(readable)
+            if writable:
+                try:
+                    view = view[os.write(stdin, view[:65536]):]
+                except BlockingIOError:
+                    pass
+
+    def close_stdin(self) -> None:
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+
+    def read(self, size: int) -> bytes:
+        while not self.out and self.out_fd in self.open:
+            self._take(select.select(list(self.open), [], [])[0])
+        return self._pending(size)
+
+    def poll(self, timeout: float) -> tuple[bytes, bytes]:
+        if self.open and not self.out:
+            self._take(select.select(list(self.open), [], [], timeout)[0])
+        new, self.err_given = self.err_total - self.err_given, self.err_total
+        err = bytes(self.err[max(0, len(self.err) - new):]) if new else b""
+        return self._pending(len(self.out)), err
+
+    def done(self) -> bool:
+        return not self.open and not self.out and self.proc.poll() is not None
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stderr_text(self) -> str:
+        while self.err_fd in self.open:
+            self._take([self.err_fd])
+        return self.err.decode(errors="replace")
+
+    def alive(self) -> bool:
+        return True  # it lives and dies with us
+
+    def close(self) -> None:
+        for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            try:
+                pipe.close()
+            except OSError:
+                pass
+        if self.proc.poll() is None:  # we stop: so does the command
+            self.proc.kill()
+            self.proc.wait()
 
 
 def _cause(stderr: str, stdout: str = "") -> str:
@@ -412,49 +537,6 @@ class CommandFailed(OpsError):
                          f"{last_lines(result.stderr, result.stdout)}")
 
 
-# --- patchwork-style helpers -------------------------------------------------
-
-
-def exists(host: Host, path: str, sudo: bool = False) -> bool:
-    """True if ``path`` exists on the target."""
-    return host.check(f"test -e {shlex.quote(path)}", sudo=sudo).ok
-
-
-def contains(host: Host, filename: str, text: str, exact: bool = False,
-             sudo: bool = False) -> bool:
-    """True if ``filename`` contains ``text`` (a whole line when ``exact``)."""
-    flags = "-qF" + ("x" if exact else "")
-    return host.check(
-        f"grep {flags} -- {shlex.quote(text)} {shlex.quote(filename)}", sudo=sudo
-    ).ok
-
-
-def append(host: Host, filename: str, text: str | Iterable[str], partial: bool = False,
-           sudo: bool = False) -> bool:
-    """Append each line of ``text`` not already present. Returns True if it changed."""
-    lines = [text] if isinstance(text, str) else list(text)
-    changed = False
-    for line in lines:
-        if contains(host, filename, line, exact=not partial, sudo=sudo):
-            continue
-        host.run(f"printf '%s\\n' {shlex.quote(line)} >> {shlex.quote(filename)}", sudo=sudo)
-        changed = True
-    return changed
-
-
-def directory(host: Host, path: str, user: str | None = None, group: str | None = None,
-              mode: str | None = None, sudo: bool = False) -> None:
-    """Ensure a directory exists with the given owner and mode."""
-    q = shlex.quote(path)
-    cmd = f"mkdir -p {q}"
-    if user or group:
-        owner = f"{user or ''}{':' + group if group else ''}"
-        cmd += f" && chown {shlex.quote(owner)} {q}"
-    if mode:
-        cmd += f" && chmod {shlex.quote(mode)} {q}"
-    host.run(cmd, sudo=sudo)
-
-
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -477,7 +559,7 @@ def upload_if_changed(
     changed = [p for p, data in files.items() if remote.get(p) != sha256(data)]
     if changed:
         dirs = sorted({os.path.dirname(p) for p in changed})
-        host.run("mkdir -p " + " ".join(shlex.quote(d) for d in dirs), sudo=sudo)
+        host.run(f"mkdir -p {words(*dirs)}", sudo=sudo)
     for path in changed:
         host.write_file(path, files[path], mode=modes.get(path, 0o644), sudo=sudo)
     return changed

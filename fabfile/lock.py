@@ -50,10 +50,7 @@ import getpass
 import os
 import re
 import secrets
-import shlex
 import socket
-import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -61,8 +58,8 @@ from dataclasses import dataclass, field
 from .clock import iso
 from .config import Settings
 from .errors import OpsError
-from .host import Host, sudo_wrap
-from .shell import sections
+from .host import Host, Stream
+from .shell import q, script, sections
 
 BUSY = 75  # exit status of a holder that could not take the lock
 LOST = 76  # exit status of a step whose lock check failed
@@ -106,162 +103,46 @@ def describe_holder(task: str) -> str:
     return f"{task} by {who()} since {iso()}"
 
 
-# --- scripts (pure) ------------------------------------------------------------------
+# --- scripts: the .sh files beside this module, values as arguments ------------------
 
-
-def _hold_tail() -> list[str]:
-    """Hold the lock until stdin closes, with a second process that keeps fd 9."""
-    return [
-        "exec 7<&0",
-        "cat <&7 >/dev/null & c=$!",
-        "exec 7<&-",
-    ]
+HOLD = script(__file__, "scripts/lock-hold.sh")
+TAKE = script(__file__, "scripts/lock-take.sh")
+STEP = script(__file__, "scripts/lock-step.sh")
+BREAK = script(__file__, "scripts/lock-break.sh")
+HOLDERS = script(__file__, "scripts/lock-who.sh")
 
 
 def holder_script(path: str, wait: int, info: str, *, shared: bool = False) -> str:
-    """Bash: take the flock ``path`` (waiting ``wait`` s), say LOCKED, hold it until
+    """Take the flock ``path`` (waiting ``wait`` s), say LOCKED, hold it until
     stdin closes. Used for the per-kind backup locks and the shared stack lock."""
-    p = shlex.quote(path)
-    mode = "-s" if shared else "-x"
-    me = f"{p}.shared.$$" if shared else f"{p}.holder"
-    busy = (f"$(cat -- {p}.owner 2>/dev/null)" if shared
-            else f"$(cat -- {p}.holder 2>/dev/null)")
-    return "\n".join([
-        f"mkdir -p -- \"$(dirname -- {p})\" || exit 2",
-        f"exec 9>>{p} || exit 2",
-        f"if ! flock {mode} -w {int(wait)} 9; then",
-        f"  printf 'BUSY %s\\n' \"{busy}\"; exit {BUSY}",
-        "fi",
-        f"printf '%s\\n' {shlex.quote(info)} > {me}",
-        *_hold_tail(),
-        "echo LOCKED",
-        'wait "$c"',
-        *([f"rm -f {me}"] if shared else []),
-    ])
+    return HOLD.command(path, int(wait), info, "shared" if shared else "exclusive")
 
 
 def stack_lock_script(d: str, token: str, info: str, task: str, wait: int,
                       report: str = "", by: str = "") -> str:
-    """Bash: take the stack lock exclusively (see the module doc), then run ``report``.
-
-    Prints ``== busy`` + holder (exit 75) when another exclusive task holds it;
-    ``== waiting`` + the backups when it waits for them; then ``== journal``
-    (its last lines, read before our ``started`` line), ``== locked``, what
-    ``report`` prints, and ``== ready``; holds the lock until stdin closes.
-    """
-    t8 = token[:8]
-    return "\n".join([
-        f"D={shlex.quote(d)}; T={shlex.quote(token)}",
-        'mkdir -p "$D" && chmod 700 "$D" || exit 1',
-        'exec 9>>"$D/lock" || exit 1',
-        'shared() { for f in "$D"/lock.shared.*; do [ -f "$f" ] && [ -d "/proc/${f##*.}" ] '
-        '&& cat -- "$f"; done; }',
-        "if ! flock -n -x 9; then",
-        "  if flock -n -s 9; then",  # only backups hold it (shared): wait for them
-        "    flock -u 9",
-        "    echo '== waiting'; shared",
-        f"    flock -x -w {int(wait)} 9 || {{ echo '== busy'; shared; exit {BUSY}; }}",
-        "  else",
-        f"    echo '== busy'; cat \"$D/lock.owner\" 2>/dev/null; exit {BUSY}",
-        "  fi",
-        "fi",
-        # A step of a former holder may still run (its holder was killed): wait for it.
-        'exec 8>>"$D/lock.step"',
-        "flock -n -x 8 || { echo '== waiting-step'; flock -x 8; }",
-        'printf \'%s\\n\' "$T" > "$D/lock.token"',
-        "echo '== journal'; tail -n 300 \"$D/journal\" 2>/dev/null",
-        # Keep the journal small: the last 2000 lines once it passes 5000.
-        'if [ "$(wc -l < "$D/journal" 2>/dev/null || echo 0)" -gt 5000 ]; then',
-        '  tail -n 2000 "$D/journal" > "$D/journal.tmp" && mv -f "$D/journal.tmp" "$D/journal"',
-        "fi",
-        f"printf '%s %s started task=%s by=%s\\n' \"{_NOW}\" {t8} {shlex.quote(task)} "
-        f"{shlex.quote(by or info)} >> \"$D/journal\"",
-        "flock -u 8; exec 8>&-",
-        "echo '== locked'",
-        report,
-        # A keeper holds the lock too, for as long as the task's connection (the first
-        # ancestor that is not a shell or sudo: sshd, or the local inv process) lives:
-        # killing this shell (the first pid in lock.owner) does not free the lock.
-        "W=$PPID",
-        'while [ "$W" -gt 1 ]; do',
-        '  case "$(cat "/proc/$W/comm" 2>/dev/null)" in',
-        "    bash|sh|dash|sudo) W=$(sed -E 's/.*\\) [A-Za-z] ([0-9]+) .*/\\1/' "
-        '"/proc/$W/stat");;',
-        "    *) break;;",
-        "  esac",
-        "done",
-        '( while [ -d "/proc/$W" ]; do sleep 1 9>&-; done ) </dev/null >/dev/null 2>&1 7>&- 8>&- &',
-        "k=$!",
-        f"printf '%s pid %s %s\\n' {shlex.quote(info)} \"$$\" \"$k\" > \"$D/lock.owner\"",
-        "echo '== ready'",
-        # Hold the lock until our stdin closes (end of the task or lost connection).
-        "cat >/dev/null 9>&-",
-        'kill "$k" 2>/dev/null',
-        '[ "$(cat "$D/lock.token" 2>/dev/null)" = "$T" ] && rm -f "$D/lock.token" '
-        '"$D/lock.owner"',
-        "true",
-    ])
+    """Take the stack lock exclusively (see the module doc), then run ``report``
+    (shell, with ``$D`` and ``$T`` set); lock-take.sh says what it prints."""
+    return TAKE.command(d, token, info, task, int(wait), by or info, report)
 
 
 def guard_script(d: str, token: str, command: str, label: str) -> str:
     """Run ``command`` only while we hold the stack lock (see the module doc)."""
-    t8 = token[:8]
-    return "\n".join([
-        f"D={shlex.quote(d)}",
-        'exec 8>>"$D/lock.step" && flock -s 8 || exit 1',
-        f"if flock -n \"$D/lock\" true || [ \"$(cat \"$D/lock.token\" 2>/dev/null)\" != "
-        f"{shlex.quote(token)} ]; then",
-        f"  echo \"== lost-lock $(cat \"$D/lock.owner\" 2>/dev/null)\"; exit {LOST}",
-        "fi",
-        f"printf '%s %s step %s\\n' \"{_NOW}\" {t8} {shlex.quote(label)} >> \"$D/journal\"",
-        f"bash -c {shlex.quote(command)}",
-        "rc=$?",
-        f"printf '%s %s step-end rc=%s\\n' \"{_NOW}\" {t8} \"$rc\" >> \"$D/journal\"",
-        'exit "$rc"',
-    ])
+    return STEP.command(d, token, label, command)
 
 
 def journal_line_cmd(d: str, token: str, event: str, detail: str = "") -> str:
     line = f"{token[:8]} {event}" + (f" {detail}" if detail else "")
-    return (f"printf '%s %s\\n' \"{_NOW}\" {shlex.quote(line)} >> "
-            f"{shlex.quote(d + '/journal')}")
+    return f"printf '%s %s\\n' \"{_NOW}\" {q(line)} >> {q(d + '/journal')}"
 
 
 def unlock_script(d: str, by: str) -> str:
     """Break the stack lock: kill its holders, drop the token (a resumed holder fails)."""
-    return "\n".join([
-        f"D={shlex.quote(d)}",
-        '[ -e "$D/lock" ] || { echo "== free"; exit 0; }',
-        'if flock -n "$D/lock" true; then echo "== free"; exit 0; fi',
-        'owner=$(cat "$D/lock.owner" 2>/dev/null)',
-        'echo "== owner $owner"',
-        'pids=$(printf "%s\\n" "$owner" | sed -n -E "s/.* pid ([0-9]+) ([0-9]+)$/\\1 \\2/p")',
-        '[ -n "$pids" ] || { echo "== unknown"; exit 3; }',
-        "kill -9 $pids 2>/dev/null",
-        'for i in $(seq 50); do flock -n "$D/lock" true && break; sleep 0.2; done',
-        'flock -n "$D/lock" true || { echo "== still-held"; exit 4; }',
-        "t=$(cut -c1-8 \"$D/lock.token\" 2>/dev/null)",
-        'rm -f "$D/lock.token" "$D/lock.owner"',
-        f"printf '%s %s unlocked by=%s\\n' \"{_NOW}\" \"${{t:-????????}}\" "
-        f"{shlex.quote(by)} >> \"$D/journal\"",
-        "echo '== broken'",
-    ])
+    return BREAK.command(d, by)
 
 
 def holder_read_script(d: str) -> str:
     """Read-only: who holds the stack lock (exclusive owner, or backups sharing it)."""
-    return "\n".join([
-        f"D={shlex.quote(d)}",
-        '[ -e "$D/lock" ] || exit 0',
-        'if flock -n "$D/lock" true; then exit 0; fi',
-        'if flock -n -s "$D/lock" true; then',
-        '  for f in "$D"/lock.shared.*; do [ -f "$f" ] && [ -d "/proc/${f##*.}" ] && '
-        'echo "== shared $(cat -- "$f")"; done',
-        "else",
-        '  echo "== exclusive $(cat "$D/lock.owner" 2>/dev/null)"',
-        "fi",
-        "true",
-    ])
+    return HOLDERS.command(d)
 
 
 # --- the journal (pure) -----------------------------------------------------------------
@@ -332,31 +213,18 @@ def interrupted(lines, own_token: str = "") -> JournalEntry | None:
 class _Holder:
     """A command on the server that holds a lock while our end of its stdin is open."""
 
-    def __init__(self, host: Host, script: str, sudo: bool = True):
+    def __init__(self, host: Host, command: str, sudo: bool = True):
         self.host = host
-        command = "bash -c " + shlex.quote(script)
-        self.command = sudo_wrap(command) if sudo and host.use_sudo else command
-        self._chan = None
-        self._proc = None
-        self.transport = None
+        self.command = command
+        self.sudo = sudo
+        self.stream: Stream | None = None
 
-    def start(self, until: tuple[str, ...], on_line=None, timeout: float | None = None):
+    def start(self, until: tuple[str, ...], on_line=None):
         """Read lines until one starts with a marker in ``until`` or the holder exits.
 
         Returns (all text, exit status or None while it still holds).
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        if self.host.is_remote:
-            chan = self.host.open_channel(self.command)
-            self._chan = chan
-            self.transport = chan.get_transport()
-            read = chan.recv
-        else:
-            proc = subprocess.Popen(  # noqa: S602 - a fixed script, quoted above
-                self.command, shell=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL)
-            self._proc = proc
-            read = proc.stdout.read1
+        self.stream = self.host.stream(self.command, sudo=self.sudo)
         buf = b""
         lines: list[str] = []
         while True:
@@ -368,16 +236,10 @@ class _Holder:
                     on_line(line)
                 if line.startswith(until):
                     return "\n".join(lines) + "\n", None
-            if deadline is not None and time.monotonic() > deadline:
-                self.release()
-                raise OpsError(f"{self.host.name}: the lock command did not answer within "
-                               f"{timeout}s")
-            data = read(65536)
+            data = self.stream.read(65536)
             if not data:
                 text = "\n".join(lines) + ("\n" + buf.decode(errors="replace") if buf else "")
-                if self._chan is not None:
-                    return text, self._chan.recv_exit_status()
-                return text, self._proc.wait()
+                return text, self.stream.wait()
             buf += data
 
     def alive(self) -> bool:
@@ -386,28 +248,19 @@ class _Holder:
         Whether the lock itself is still ours is for the server to say (the
         guard of each step): its holder may be killed while the link lives.
         """
-        if self._chan is not None:
-            return self.transport is not None and self.transport.is_active()
-        return self._proc is not None
+        return self.stream is not None and self.stream.alive()
 
     def release(self) -> None:
-        if self._chan is not None:
-            try:
-                self._chan.shutdown_write()
-                self._chan.settimeout(30)
-                self._chan.recv_exit_status()
-            except Exception:  # the connection may be gone: the lock went with it
-                pass
-            finally:
-                self._chan.close()
-                self._chan = None
-        if self._proc is not None:
-            try:
-                self._proc.stdin.close()
-                self._proc.wait(timeout=30)
-            except Exception:  # pragma: no cover
-                self._proc.kill()
-            self._proc = None
+        if self.stream is None:
+            return
+        try:
+            self.stream.close_stdin()
+            self.stream.wait(30)
+        except Exception:  # the connection may be gone: the lock went with it
+            pass
+        finally:
+            self.stream.close()
+            self.stream = None
 
 
 # Locks this process holds: (host name, lock file) -> holder. A nested request for a

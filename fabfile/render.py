@@ -26,6 +26,7 @@ import jinja2
 
 from .config import PROJECT_ROOT, Settings
 from .errors import OpsError
+from .shell import script
 
 TEMPLATES_DIR = PROJECT_ROOT / "templates"
 FILES_DIR = PROJECT_ROOT / "files"
@@ -219,12 +220,7 @@ def _self_signed(cert_dir: Path, names: list[str]) -> None:
             raise OpsError(f"openssl could not make a test certificate: {proc.stderr.strip()}")
 
 
-_NGINX_SANDBOX = r"""
-set -e
-mount --bind "$SANDBOX/etc-nginx" /etc/nginx
-mount --bind "$SANDBOX/hosts" /etc/hosts
-exec nginx -t -c /etc/nginx/nginx.conf
-"""
+NGINX_SANDBOX = script(__file__, "scripts/render-nginx-sandbox.sh")
 
 
 def _version(text: str) -> list[int]:
@@ -297,7 +293,7 @@ def check_nginx(tree: Path, settings: Settings) -> Check:
         os.chmod(sandbox, 0o755)
         flags = ["--mount"] if os.geteuid() == 0 else ["--mount", "--map-root-user"]
         proc = _run(
-            [unshare, *flags, "sh", "-c", _NGINX_SANDBOX],
+            [unshare, *flags, *NGINX_SANDBOX.argv()],
             env={**os.environ, "SANDBOX": sandbox, "PATH": os.environ.get("PATH", "")
                  + ":/usr/sbin:/sbin"},
         )

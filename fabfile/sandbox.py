@@ -25,6 +25,7 @@ from pathlib import Path
 
 from .config import PROJECT_ROOT
 from .errors import OpsError
+from .shell import script
 
 DEFAULT_NAME = "maicivy-sandbox"
 DEFAULT_IMAGE = "maicivy-sandbox:trixie"
@@ -114,18 +115,12 @@ def run_argv(spec: Spec) -> list[str]:
     return [*argv, spec.image, "/lib/systemd/systemd"]
 
 
-def offline_apt_script() -> str:
+OFFLINE_APT = script(__file__, "scripts/sandbox-offline-apt.sh")
+
+
+def offline_apt_argv(apt_dir: str = "/etc/apt") -> list[str]:
     """Point apt at the mounted local repository only (no mirror is reachable)."""
-    return "\n".join([
-        "set -e",
-        "cd /etc/apt",
-        "for f in sources.list sources.list.d/*.list sources.list.d/*.sources; do",
-        "  [ -f \"$f\" ] && [ \"$f\" != sources.list.d/maicivy-local.list ] && "
-        "mv \"$f\" \"$f.offline\"",
-        "done",
-        f"echo 'deb [trusted=yes] file:{APT_REPO_MOUNT} ./' > sources.list.d/maicivy-local.list",
-        "true",
-    ])
+    return OFFLINE_APT.argv(APT_REPO_MOUNT, apt_dir, shell="bash")  # noqa: S604
 
 
 def known_hosts_line(port: int, host_key: str) -> str:
@@ -267,7 +262,7 @@ def start(spec: Spec, boot_timeout: float = 180) -> Sandbox:
     try:
         wait_running(spec.name, boot_timeout)
         if spec.apt_repo:
-            sh(spec.name, offline_apt_script())
+            _docker("exec", spec.name, *offline_apt_argv())
         files = dict(spec.files)
         if spec.pubkey:  # written, not bind-mounted: sshd wants it owned by root
             files["/root/.ssh/authorized_keys"] = Path(spec.pubkey).read_bytes()

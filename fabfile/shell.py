@@ -63,9 +63,9 @@ class Script:
 
 def script(anchor: str, name: str) -> Script:
     """The script ``name`` from the directory of the module file ``anchor``
-    (pass ``__file__``)."""
+    (pass ``__file__``); ``name`` may be in a subfolder (``scripts/x.sh``)."""
     path = Path(anchor).resolve().parent / name
-    return Script(name, path.read_text())
+    return Script(path.name, path.read_text())
 
 
 # --- output ---------------------------------------------------------------------

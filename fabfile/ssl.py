@@ -30,6 +30,7 @@ from .config import DEFAULTS, Settings
 from .core import host_for, ops_task, settings_for
 from .errors import OpsError
 from .host import Host
+from .shell import q, script
 from .stack import cert_dir, compose, ensure_certificates
 
 LE_PRODUCTION = DEFAULTS["tls"]["acme_server"]
@@ -87,60 +88,32 @@ def _hostport(address: str, port: int) -> str:
     return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
+DEPLOY_HOOK = script(__file__, "scripts/ssl-deploy-hook.sh")
+CERT_PROBE = script(__file__, "scripts/ssl-certs.sh")
+
+
 def deploy_hook_script(settings: Settings) -> str:
-    """The deploy hook certbot runs after it obtained or renewed a lineage."""
-    names = " ".join(shlex.quote(n) for n in lineages(settings))
-    certs = shlex.quote(cert_dir(settings, "").rstrip("/"))
-    nginx_running = compose(settings, "ps", "--status", "running", "--services")
-    nginx_test = compose(settings, "exec", "-T", "nginx", "nginx", "-t", "-q")
-    nginx_reload = compose(settings, "exec", "-T", "nginx", "nginx", "-s", "reload")
-    return f"""#!/bin/bash
-# Installed by maicivy-ops (ssl.obtain / ssl.renew); rewritten on every run.
-# certbot runs it after it obtained or renewed a certificate, with
-# RENEWED_LINEAGE=<config dir>/live/<name>. It copies the new certificate into
-# the directory nginx reads, checks nginx's configuration and reloads nginx
-# (no restart). If nginx rejects the new files, the previous ones are restored.
-set -euo pipefail
-lineage="${{RENEWED_LINEAGE:?this hook is run by certbot, with RENEWED_LINEAGE set}}"
-name="$(basename "$lineage")"
-known=0
-for n in {names}; do [ "$n" = "$name" ] && known=1; done
-if [ "$known" != 1 ]; then
-  echo "maicivy deploy hook: $name is not a certificate of this stack; left alone"
-  exit 0
-fi
-dest={certs}/"$name"
-umask 077
-mkdir -p "$dest"
-cert_key="$(openssl x509 -in "$lineage/fullchain.pem" -noout -pubkey | sha256sum)"
-key_key="$(openssl pkey -in "$lineage/privkey.pem" -pubout | sha256sum)"
-if [ "$cert_key" != "$key_key" ]; then
-  echo "maicivy deploy hook: $lineage: certificate and key do not match; nothing installed" >&2
-  exit 1
-fi
-install -m 644 "$lineage/fullchain.pem" "$dest/.fullchain.pem.new"
-install -m 600 "$lineage/privkey.pem" "$dest/.privkey.pem.new"
-for f in fullchain.pem privkey.pem; do
-  if [ -e "$dest/$f" ]; then cp -p "$dest/$f" "$dest/.$f.prev"; fi
-done
-mv -f "$dest/.privkey.pem.new" "$dest/privkey.pem"
-mv -f "$dest/.fullchain.pem.new" "$dest/fullchain.pem"
-if ! {nginx_running} 2>/dev/null | grep -x nginx >/dev/null; then
-  rm -f "$dest/.fullchain.pem.prev" "$dest/.privkey.pem.prev"
-  echo "maicivy deploy hook: installed $name; nginx is not running, it will use it when it starts"
-  exit 0
-fi
-if ! {nginx_test}; then
-  for f in fullchain.pem privkey.pem; do
-    if [ -e "$dest/.$f.prev" ]; then mv -f "$dest/.$f.prev" "$dest/$f"; fi
-  done
-  echo "maicivy deploy hook: nginx rejects the new $name certificate; previous one restored" >&2
-  exit 1
-fi
-{nginx_reload}
-rm -f "$dest/.fullchain.pem.prev" "$dest/.privkey.pem.prev"
-echo "maicivy deploy hook: installed $name and reloaded nginx"
-"""
+    """The deploy hook certbot runs after it obtained or renewed a lineage (the
+    file's text; :func:`hook_command` gives it this stack's values)."""
+    return DEPLOY_HOOK.text
+
+
+def hook_values_path(settings: Settings) -> str:
+    return f"{settings.root}/ssl/deploy-hook.values"
+
+
+def hook_values(settings: Settings) -> str:
+    """What the hook reads beside itself, one value per line: the certificates'
+    directory, the stack's compose project/env/file and its lineages (certbot
+    stores the hook's path only, so the values cannot be its arguments)."""
+    return "".join(f"{v}\n" for v in (cert_dir(settings, "").rstrip("/"),
+                                      settings.compose_project, settings.env_file,
+                                      settings.compose_file, *lineages(settings)))
+
+
+def hook_command(settings: Settings) -> str:
+    """The command certbot runs as its deploy hook (in a shell), as certbot stores it."""
+    return q(hook_path(settings))
 
 
 def _certbot(settings: Settings, *args: str) -> str:
@@ -152,7 +125,7 @@ def _certbot(settings: Settings, *args: str) -> str:
         "--config-dir", dirs["config"],
         "--work-dir", dirs["work"],
         "--logs-dir", dirs["logs"],
-        "--deploy-hook", hook_path(settings),
+        "--deploy-hook", hook_command(settings),
     ]
     return " ".join(shlex.quote(a) for a in argv)
 
@@ -184,8 +157,7 @@ def renew_command(settings: Settings, force: bool = False) -> str:
 
 def run_hook_command(settings: Settings, name: str) -> str:
     """Run the deploy hook by hand for one lineage (what certbot would do)."""
-    return (f"RENEWED_LINEAGE={shlex.quote(live_dir(settings, name))} "
-            f"{shlex.quote(hook_path(settings))}")
+    return f"RENEWED_LINEAGE={q(live_dir(settings, name))} {hook_command(settings)}"
 
 
 def certbot_error(output: str) -> str:
@@ -222,31 +194,11 @@ class CertInfo:
         return {**asdict(self), "self_signed": self.self_signed}
 
 
-_X509_FIELDS = "-noout -serial -issuer -subject -enddate -nameopt RFC2253"
-
-
-def served_cert_command(settings: Settings, domain: str, timeout: float = PROBE_TIMEOUT) -> str:
-    """Print the certificate nginx presents for ``domain`` (SNI) on the HTTPS port."""
+def cert_probe_command(settings: Settings, timeout: float = PROBE_TIMEOUT) -> str:
+    """The command printing the served and on-disk certificate of every name."""
     target = _hostport(local_address(settings), settings.publish.https)
-    return (f"timeout {timeout:g} openssl s_client -connect {shlex.quote(target)} "
-            f"-servername {shlex.quote(domain)} </dev/null 2>/dev/null "
-            f"| openssl x509 {_X509_FIELDS}")
-
-
-def file_cert_command(settings: Settings, domain: str) -> str:
-    """Print the certificate file nginx loads for ``domain`` (on its next reload)."""
-    path = f"{cert_dir(settings, domain)}/fullchain.pem"
-    return f"openssl x509 -in {shlex.quote(path)} {_X509_FIELDS}"
-
-
-def cert_probe_script(settings: Settings) -> str:
-    """One shell script printing the served and on-disk certificate of every name."""
-    parts = ["echo \"@@now $(date +%s)\""]
-    for domain in cert_names(settings):
-        parts.append(f"echo '@@cert {domain} served'; {served_cert_command(settings, domain)}"
-                     " 2>&1")
-        parts.append(f"echo '@@cert {domain} file'; {file_cert_command(settings, domain)} 2>&1")
-    return "\n".join(parts) + "\ntrue\n"
+    return CERT_PROBE.command(f"{timeout:g}", target, cert_dir(settings, "").rstrip("/"),
+                              *cert_names(settings))
 
 
 def cert_names(settings: Settings) -> list[str]:
@@ -286,7 +238,7 @@ def parse_x509(domain: str, source: str, text: str, now: float) -> CertInfo:
 
 
 def parse_cert_probe(text: str) -> list[CertInfo]:
-    """Parse :func:`cert_probe_script` output."""
+    """Parse :func:`cert_probe_command` output."""
     now = None
     blocks: list[tuple[str, str, list[str]]] = []
     for line in text.splitlines():
@@ -376,8 +328,7 @@ def write_cert_metrics(host: Host, settings: Settings, infos: list[CertInfo]) ->
 
 def read_certs(host: Host, settings: Settings) -> list[CertInfo]:
     """Served and on-disk certificate of every name, in one round trip."""
-    script = cert_probe_script(settings)
-    r = host.check(f"bash -c {shlex.quote(script)}", sudo=True,
+    r = host.check(cert_probe_command(settings), sudo=True,
                    timeout=PROBE_TIMEOUT * 2 * len(cert_names(settings)) + 10)
     return parse_cert_probe(r.stdout)
 
@@ -399,6 +350,7 @@ def install_hook(host: Host, settings: Settings) -> None:
     paths = [settings.tls.webroot, dirs["config"], dirs["work"], dirs["logs"],
              hook_path(settings).rsplit("/", 1)[0]]
     host.run("mkdir -p " + " ".join(shlex.quote(p) for p in paths), sudo=True)
+    host.write_file(hook_values_path(settings), hook_values(settings), mode=0o644, sudo=True)
     host.write_file(hook_path(settings), deploy_hook_script(settings), mode=0o755, sudo=True)
 
 

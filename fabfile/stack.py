@@ -19,6 +19,7 @@ import shlex
 from .config import Settings
 from .host import Host
 from .render import render_tree
+from .shell import script
 
 # Secrets that provision generates when they are missing from .env.
 GENERATED_SECRETS = ("POSTGRES_PASSWORD", "REDIS_PASSWORD", "GF_SECURITY_ADMIN_PASSWORD")
@@ -125,21 +126,7 @@ def read_env(host: Host, settings: Settings) -> dict[str, str]:
 # --- certificates ---------------------------------------------------------------
 
 
-def self_signed_cert_cmd(directory: str, domain: str, days: int = 30) -> str:
-    """Create a temporary self-signed certificate unless one is already there.
-
-    nginx cannot start without a certificate file; on first boot this stands
-    in until certbot issues the real one (ssl.obtain).
-    """
-    d = shlex.quote(directory)
-    return (
-        f"mkdir -p {d} && if [ ! -s {d}/fullchain.pem ] || [ ! -s {d}/privkey.pem ]; then "
-        f"openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes "
-        f"-days {int(days)} -subj {shlex.quote('/CN=' + domain)} "
-        f"-keyout {d}/privkey.pem.tmp -out {d}/fullchain.pem.tmp 2>/dev/null && "
-        f"chmod 600 {d}/privkey.pem.tmp && mv -f {d}/privkey.pem.tmp {d}/privkey.pem && "
-        f"mv -f {d}/fullchain.pem.tmp {d}/fullchain.pem && echo created; fi"
-    )
+SELF_SIGNED = script(__file__, "scripts/stack-self-signed.sh")
 
 
 def ensure_certificates(host: Host, settings: Settings) -> list[str]:
@@ -149,9 +136,6 @@ def ensure_certificates(host: Host, settings: Settings) -> list[str]:
     stand-in (ssl.obtain replaces them with real ones).
     """
     names = tls_domains(settings)
-    script = "\n".join(
-        f"o=$({self_signed_cert_cmd(cert_dir(settings, d), d)}) || exit 1; "
-        f"[ \"$o\" != created ] || echo {shlex.quote('created ' + d)}" for d in names)
-    r = host.run(script, sudo=True)
+    r = host.run(SELF_SIGNED.command(30, cert_dir(settings, "").rstrip("/"), *names), sudo=True)
     made = {line.split(" ", 1)[1] for line in r.stdout.splitlines() if line.startswith("created ")}
     return [d for d in names if d in made]

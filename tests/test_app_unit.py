@@ -273,3 +273,154 @@ def test_progress_on_a_terminal_shows_a_live_line_then_the_step_line():
     text = out.getvalue()
     assert "\r\033[Khealth gate: 2 of 8 healthy (0s)" in text
     assert text.endswith("\r\033[Khealth gate: failed after 0.0s\n")
+
+
+# --- doctor's facts script, run for real with fake tools ----------------------------------
+
+
+def test_doctor_facts_script_gathers_every_fact_with_fake_tools(tmp_path):
+    from fake_tools import fake_path, run
+
+    root, backups = tmp_path / "srv", tmp_path / "backups"
+    s = settings(root=str(root), domain="maicivy.test", grafana_domain="grafana.maicivy.test",
+                 backup={"dir": str(backups)})
+    (backups / "postgres").mkdir(parents=True)
+    (backups / "postgres" / "p1.json").write_text('{"offsite": {"key": "x"}}\n')
+    (root / "state").mkdir(parents=True)
+    root.joinpath(".env").write_text('POSTGRES_PASSWORD="pw"\nREDIS_PASSWORD=CHANGE_ME\n'
+                                     "POSTGRES_USER=app\nPOSTGRES_DB=\n")
+    os.chmod(root / ".env", 0o600)
+    env = fake_path(
+        tmp_path,
+        docker=f"""case "$1 $2" in
+  "info --format") echo {tmp_path};;
+  "version --format") echo 27.3.1;;
+  "compose version") echo 2.29.7;;
+  "ps --format") echo 'p-nginx-1|maicivy|nginx|0.0.0.0:443->443/tcp';;
+  *) exit 1;;
+esac""",
+        timedatectl="echo yes", hostname="echo 203.0.113.5 2001:db8::5",
+        getent='echo "203.0.113.5     STREAM $2"; echo "203.0.113.5     DGRAM"',
+        ufw="echo 'Status: active'; echo; echo 'To Action From'")
+    r = run(doctor.facts_command(s), env)
+    assert r.returncode == 0 and r.stderr == ""
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("@@now ") and lines[1] == "@@df"
+    assert lines[2:5] == [f"@@path {tmp_path}", f"@@path {root}", f"@@path {backups}"]
+    for line in ("@@docker 27.3.1", "@@compose 2.29.7", "@@ntp yes",
+                 "@@addresses 203.0.113.5 2001:db8::5", "@@dns maicivy.test 203.0.113.5 ",
+                 "@@dns grafana.maicivy.test 203.0.113.5 ", "@@ports",
+                 "p-nginx-1|maicivy|nginx|0.0.0.0:443->443/tcp", "@@ufw Status: active",
+                 "@@cert maicivy.test", "@@cert grafana.maicivy.test",
+                 "@@backup redis none", f"@@env 600 {os.environ.get('USER') or 'root'}",
+                 "@@unset REDIS_PASSWORD", "@@unset POSTGRES_DB", "@@journal"):
+        assert line in lines, line
+    backup = [ln for ln in lines if ln.startswith("@@backup postgres ")]
+    assert backup[0].split()[3:] == ["1", f"{backups}/postgres/p1.json"]
+    facts = doctor.parse_facts(r.stdout)
+    assert facts["paths"] == [str(tmp_path), str(root), str(backups)]
+    assert len(facts["df"]) == 3 and len(facts["inodes"]) == 3
+    assert facts["mem"]["MemTotal"] > 0 and facts["unset"] == [
+        "REDIS_PASSWORD", "GF_SECURITY_ADMIN_PASSWORD", "POSTGRES_DB"]
+    assert facts["holder"] == [] and facts["journal"] == []
+
+
+def test_doctor_facts_script_without_docker_or_env_file(tmp_path):
+    from fake_tools import fake_path, run
+
+    s = settings(root=str(tmp_path / "none"), backup={"dir": str(tmp_path / "none2")})
+    env = fake_path(tmp_path, docker="exit 1", timedatectl="exit 1", ufw="exit 1")
+    r = run(doctor.facts_command(s), env)
+    assert r.returncode == 0
+    facts = doctor.parse_facts(r.stdout)
+    assert facts["paths"] == [] and facts["docker"] == "" and facts["compose"] == ""
+    assert facts["env"] == "missing" and facts["backups"] == {"postgres": ["none"],
+                                                              "redis": ["none"]}
+
+
+# --- app's server scripts, run for real with fake tools ------------------------------------
+
+
+def test_status_script_reads_containers_images_release_lock_and_flag(tmp_path):
+    from fake_tools import calls, fake_path, run
+
+    s = settings(root=str(tmp_path), compose_project="maicivyprod")
+    (tmp_path / ".deploy").mkdir()
+    (tmp_path / ".deploy/current").write_text("20260101T000000Z\n")
+    flag = tmp_path / "docker/nginx/maintenance/on"
+    flag.parent.mkdir(parents=True)
+    flag.write_text("since 2026-01-01T00:00:00Z by bob\nsecond line\n")
+    env = fake_path(tmp_path, docker="""case "$1 $2 $3" in
+  "ps -aq --filter") echo c1; echo c2;;
+  "inspect --format @@c"*)
+    echo "@@c backend|/p-backend-1|running|healthy|reg/backend:v1|sha256:aaa|T|0|0|"
+    echo "@@c nginx|/p-nginx-1|running|healthy|nginx:1|sha256:ccc|T|0|0|";;
+  "inspect --format {{.Image}}") echo sha256:ccc; echo sha256:aaa; echo sha256:aaa;;
+  "image inspect --format") echo "@@i $5|";;
+  *) exit 99;;
+esac""")
+    r = run(app.status_command(s), env)
+    assert r.returncode == 0 and r.stderr == ""
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("@@now ") and lines[1:] == [
+        "@@c backend|/p-backend-1|running|healthy|reg/backend:v1|sha256:aaa|T|0|0|",
+        "@@c nginx|/p-nginx-1|running|healthy|nginx:1|sha256:ccc|T|0|0|",
+        "@@i sha256:aaa|", "@@i sha256:ccc|",
+        "@@release 20260101T000000Z",
+        "@@maintenance since 2026-01-01T00:00:00Z by bob"]
+    assert calls(tmp_path)[0] == ("docker ps -aq --filter label=com.docker.compose.project="
+                                  "maicivyprod --filter label=com.docker.compose.oneoff=False")
+    st = app.parse_status(r.stdout, "vps")
+    assert st.maintenance == "since 2026-01-01T00:00:00Z by bob"
+
+
+def test_status_script_with_no_containers(tmp_path):
+    from fake_tools import calls, fake_path, run
+
+    s = settings(root=str(tmp_path))
+    r = run(app.status_command(s), fake_path(tmp_path, docker="true"))
+    assert r.returncode == 0 and r.stdout.splitlines()[1:] == ["@@release "]
+    assert len(calls(tmp_path)) == 1
+
+
+WAIT_DOCKER = """case "$1" in
+  compose) [ -n "${CONTAINER:-}" ] && echo "$CONTAINER";;
+  inspect) echo "$STATE";;
+esac"""
+
+
+def test_wait_healthy_says_the_state_it_ended_on(tmp_path):
+    from fake_tools import calls, fake_path, run
+
+    s = settings(compose_project="maicivyprod")
+    env = fake_path(tmp_path, docker=WAIT_DOCKER)
+    cases = [({"CONTAINER": "c1", "STATE": "running healthy"}, 0, "== status running healthy"),
+             ({"CONTAINER": "c1", "STATE": "running none"}, 0, "== status running none"),
+             ({"CONTAINER": "c1", "STATE": "running unhealthy"}, 4,
+              "== status running unhealthy"),
+             ({"CONTAINER": "c1", "STATE": "exited 0"}, 4, "== status exited 0"),
+             ({"STATE": ""}, 5, "== status no container (timed out)")]
+    for extra, code, line in cases:
+        r = run(app.wait_healthy_cmd(s, "redis", 0), {**env, **extra})
+        assert (r.returncode, r.stdout.splitlines()) == (code, [line])
+    assert calls(tmp_path)[0] == (f"docker compose --project-name maicivyprod --env-file "
+                                  f"{s.env_file} -f {s.compose_file} ps -q redis")
+
+
+def test_probe_site_reads_the_status_code_and_retry_after(tmp_path):
+    from fake_tools import calls, fake_path, run
+
+    s = settings(domain="maicivy.test", publish={"bind": "::", "https": 8443})
+    curl = """case "$*" in
+  *" -D - "*) printf 'HTTP/2 503\\r\\nretry-after: 120\\r\\ncontent-type: text/html\\r\\n\\r\\n';;
+  *) printf 200;;
+esac"""
+    r = run(app.probe_site_cmd(s), fake_path(tmp_path, curl=curl))
+    assert r.stdout.splitlines() == ["site 503 120", "health 200"]
+    assert calls(tmp_path) == [
+        "curl -sk -o /dev/null -D - --max-time 10 --resolve maicivy.test:8443:[::1] "
+        "https://maicivy.test:8443/",
+        "curl -sk -o /dev/null -w %{http_code} --max-time 10 --resolve "
+        "maicivy.test:8443:[::1] https://maicivy.test:8443/health"]
+    r = run(app.probe_site_cmd(s), fake_path(tmp_path, curl="exit 7"))
+    assert r.stdout.splitlines() == ["site 000 -", "health "]

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 
 import pytest
+from fake_tools import calls, fake_path, run
 
 from fabfile import health
 from fabfile.config import SERVICES, load_settings
@@ -19,8 +21,8 @@ def settings(**over):
 
 
 def run_script(probes, timeout):
-    script = health.probe_script(probes, timeout)
-    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+    command = health.probe_command(probes, timeout)
+    proc = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=60)
     return health.parse_probe_output(proc.stdout)
 
 
@@ -55,24 +57,62 @@ def test_probes_run_side_by_side_not_one_after_another():
 
 def test_probe_ids_must_be_plain_names():
     with pytest.raises(ValueError):
-        health.probe_script([Probe("a b; rm", "x", "true")], 1)
+        health.probe_command([Probe("a b; rm", "x", "true")], 1)
 
 
-def test_the_probes_cover_every_check_and_go_through_nginx_with_sni():
+def test_the_probes_cover_every_check_and_go_through_nginx_with_sni(tmp_path):
     s = settings(publish={"bind": "0.0.0.0", "https": 8443}, health={"timeout_seconds": 3})
     by_id = {p.id: p for p in health.probes(s)}
     assert list(by_id) == ["http", "docker", "maintenance"]
     assert by_id["docker"].parts == ("docker:prometheus", "docker:services", "docker:disk")
     http = by_id["http"]
     assert http.parts == ("frontend", "backend", "backend_deep", "grafana", "cert_0", "cert_1")
-    assert "https://grafana.maicivy.test:8443/../" in http.command
-    assert "--parallel" in http.command and "--max-time 3 " in http.command
-    assert "--resolve maicivy.test:8443:127.0.0.1" in http.command
-    assert "--resolve grafana.maicivy.test:8443:127.0.0.1" in http.command
-    assert "https://maicivy.test:8443/health " in http.command
-    assert "https://maicivy.test:8443/health/deep" in http.command
-    assert "https://grafana.maicivy.test:8443/api/health" in http.command
-    assert "nsenter" in by_id["docker"].command and "docker exec" in by_id["docker"].command
+    # the one curl, run with a fake curl that keeps its arguments (and prints no
+    # certificate: the openssl fallback runs for each name)
+    env = {**fake_path(tmp_path, curl='printf "%s\\n" "$@" > "$T/args"',
+                       timeout='echo "timeout $*" >> "$T/openssl"',
+                       openssl='cat >/dev/null; echo "unable to load certificate" >&2; exit 1'),
+           "T": str(tmp_path)}
+    r = run(http.command, env, merged=True)
+    assert (tmp_path / "args").read_text().splitlines() == [
+        "-s", "-k", "--no-sessionid", "--path-as-is", "--parallel", "--parallel-immediate",
+        "--parallel-max", "16", "--max-time", "3", "-H", "X-Maicivy-Check: health",
+        "--resolve", "maicivy.test:8443:127.0.0.1",
+        "--resolve", "grafana.maicivy.test:8443:127.0.0.1",
+        "-w", "~~t %{filename_effective}|%{http_code}|%{time_total}|%{exitcode}|%{errormsg}"
+        "\\n%{certs}",
+        "-o", f"{tmp_path}/http.frontend", "https://maicivy.test:8443/",
+        "-o", f"{tmp_path}/http.backend", "https://maicivy.test:8443/health",
+        "-o", f"{tmp_path}/http.backend_deep", "https://maicivy.test:8443/health/deep",
+        "-o", f"{tmp_path}/http.grafana", "https://grafana.maicivy.test:8443/api/health",
+        "-o", f"{tmp_path}/http.cert_0", "https://maicivy.test:8443/../",
+        "-o", f"{tmp_path}/http.cert_1", "https://grafana.maicivy.test:8443/../"]
+    assert r.stdout.splitlines() == [
+        "@@body frontend", "", "@@body backend", "", "@@body backend_deep", "",
+        "@@body grafana", "", "@@openssl cert_0", "unable to load certificate",
+        "@@openssl cert_1", "unable to load certificate"]
+    assert r.returncode == 1
+    assert (tmp_path / "openssl").read_text().splitlines() == [
+        f"timeout 3 openssl s_client -connect 127.0.0.1:8443 -servername {name}"
+        for name in ("maicivy.test", "grafana.maicivy.test")]
+    rows = health.http_rows(s, http.parts, r.returncode, r.stdout, 3)
+    assert [(row.check, row.status, row.detail) for row in rows] == [
+        ("frontend", CRITICAL, "unreachable: unable to load certificate"),
+        ("backend /health", CRITICAL, "unreachable: unable to load certificate"),
+        ("backend /health/deep", CRITICAL, "unreachable: unable to load certificate"),
+        ("grafana", CRITICAL, "unreachable: unable to load certificate"),
+        ("certificate maicivy.test", CRITICAL, "no TLS answer (unable to load certificate)"),
+        ("certificate grafana.maicivy.test", CRITICAL,
+         "no TLS answer (unable to load certificate)")]
+
+
+def test_an_ipv6_bind_is_reached_in_brackets(tmp_path):
+    s = settings(publish={"bind": "::", "https": 443})
+    env = {**fake_path(tmp_path, curl='printf "%s\\n" "$@" > "$T/args"'), "T": str(tmp_path)}
+    run(health.http_probe(s, ["backend"]).command, env)
+    args = (tmp_path / "args").read_text().splitlines()
+    assert args[args.index("--resolve") + 1] == "maicivy.test:443:[::1]"
+    assert args.count("--resolve") == 1 and args[-1] == "https://maicivy.test:443/health"
 
 
 def test_the_http_checks_run_in_one_curl_for_real(tmp_path):
@@ -232,22 +272,68 @@ def test_a_service_in_the_middle_of_a_deploy_counts_as_its_best_container():
     assert rows["service backend"] == OK
 
 
-def test_the_docker_probe_looks_only_at_this_projects_own_containers():
-    s = settings(compose_project="maicivyprod")
-    cmd = health.docker_probe(s).command
-    assert cmd.startswith("ids=$(docker ps -aq ")
-    assert "label=com.docker.compose.project=maicivyprod" in cmd
-    assert "label=com.docker.compose.oneoff=False" in cmd
-    assert cmd.count("docker inspect") == 1 and "docker compose" not in cmd
+FAKE_DOCKER = """
+case "$1" in
+  ps) echo c1; echo c2;;
+  inspect) echo "@@c prometheus|running|healthy|0|$PROM_PID|c2|"
+           echo "@@c postgres|running|healthy|0|77|c1|$VOLUME";;
+  exec) echo "Prometheus Server is Ready.";;
+  info) echo /nowhere;;
+  *) exit 99;;
+esac
+"""
+
+
+@pytest.mark.parametrize("pid", ["0", "4242"])
+def test_the_docker_probe_looks_only_at_this_projects_own_containers(tmp_path, pid):
+    volume = tmp_path / "volumes" / "pgdata"
+    volume.mkdir(parents=True)
+    s = settings(compose_project="maicivyprod", root=str(tmp_path),
+                 backup={"dir": str(tmp_path / "missing")})
+    env = {**fake_path(tmp_path, docker=FAKE_DOCKER, nsenter='echo "ready via nsenter"'),
+           "T": str(tmp_path), "PROM_PID": pid, "VOLUME": str(volume)}
+    r = run(health.docker_probe(s).command, env)
+    assert r.returncode == 0 and r.stderr == ""
+    inside = pid != "0" and os.geteuid() == 0
+    lines = r.stdout.splitlines()
+    assert lines[:3] == ["== services", f"@@c prometheus|running|healthy|0|{pid}|c2|",
+                         f"@@c postgres|running|healthy|0|77|c1|{volume}"]
+    assert lines[3:] == [
+        "== prometheus",
+        "ready via nsenter" if inside else "Prometheus Server is Ready.", "@@rc 0",
+        "== disk", f"@@path {volume}", f"@@path {tmp_path}", f"@@docker {volume}", "@@df",
+    ] + lines[11:] and len(lines) == 11 + 3  # df: its header and two filesystems
+    docker_calls = [c for c in calls(tmp_path) if c.startswith("docker ")]
+    assert docker_calls[0] == ("docker ps -aq --filter label=com.docker.compose.project="
+                               "maicivyprod --filter label=com.docker.compose.oneoff=False")
+    assert docker_calls[1].startswith("docker inspect --format @@c ")
+    assert docker_calls[1].endswith(" c1 c2")
+    assert docker_calls[2:] == ([] if inside else [
+        "docker exec c2 wget -q -O - http://127.0.0.1:9090/-/ready"])
+    rows = {row.check: (row.status, row.detail) for row in health.docker_rows(
+        s, tuple(f"docker:{p}" for p in health.DOCKER_PARTS), 0, r.stdout, 3, 0.05)}
+    assert rows["prometheus"] == (OK, "ready")
+    assert rows["service postgres"] == (OK, "healthy")
+    assert [k for k in rows if k.startswith("disk ")] != []
+
+
+def test_the_docker_probe_without_containers_says_so(tmp_path):
+    s = settings(root=str(tmp_path / "missing"), backup={"dir": str(tmp_path / "missing")})
+    env = {**fake_path(tmp_path, docker='[ "$1" = info ] && echo "$T"; true'), "T": str(tmp_path)}
+    r = run(health.docker_probe(s).command, env)
+    assert r.stdout.splitlines()[:5] == [
+        "== services", "", "== prometheus", "no running prometheus container", "@@rc 1"]
+    assert r.stdout.splitlines()[5:9] == ["== disk", f"@@path {tmp_path}",
+                                          f"@@docker {tmp_path}", "@@df"]
 
 
 def test_docker_probe_output_gives_prometheus_services_and_disk_rows():
     s = settings(root="/srv/maicivy")
     out = "\n".join(
-        ["@@section services"] + [ps_line(x) for x in SERVICES if x != "prometheus"]
+        ["== services"] + [ps_line(x) for x in SERVICES if x != "prometheus"]
         + [ps_line("prometheus", health_="starting"),
-           "@@section prometheus", "curl: (22) The requested URL returned error: 503",
-           "@@rc 22", "@@section disk"] + DF.splitlines())
+           "== prometheus", "curl: (22) The requested URL returned error: 503",
+           "@@rc 22", "== disk"] + DF.splitlines())
     rows = {r.check: (r.status, r.detail)
             for r in health.docker_rows(s, tuple(f"docker:{p}" for p in health.DOCKER_PARTS),
                                         0, out, 3, 0.05)}

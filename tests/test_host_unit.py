@@ -1,47 +1,21 @@
-"""Host.write_file's remote command, run for real by bash (fast tier, no SSH)."""
+"""Host.write_file's command and Host.stream, run for real by a local bash (fast tier,
+no SSH; test_ssh.py runs the same over SSH)."""
 
 from __future__ import annotations
 
-import io
+import os
 import stat
-import subprocess
 
 import pytest
+from invoke import Context
 
 from fabfile.errors import OpsError
-from fabfile.host import Host, _cause
-
-
-class LocalChannel:
-    """What Host.open_channel returns, backed by a local bash (``sudo -n `` stripped)."""
-
-    def __init__(self, command: str):
-        self.command = command
-        argv = command.removeprefix("sudo -n ")
-        self.proc = subprocess.Popen(["bash", "-c", argv], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self.out = self.err = b""
-
-    def sendall(self, data) -> None:
-        self.proc.stdin.write(data)
-
-    def shutdown_write(self) -> None:
-        self.out, self.err = self.proc.communicate()
-
-    def makefile(self, mode):
-        return io.BytesIO(self.out)
-
-    def makefile_stderr(self, mode):
-        return io.BytesIO(self.err)
-
-    def recv_exit_status(self) -> int:
-        return self.proc.wait()
-
-    def close(self) -> None:
-        pass
+from fabfile.host import Host, ProcessStream, _cause, sudo_wrap
 
 
 class FakeRemote(Host):
+    """A "remote" host whose commands run in a local bash (``sudo -n `` stripped)."""
+
     commands: list[str]
 
     @property
@@ -52,13 +26,11 @@ class FakeRemote(Host):
     def name(self) -> str:
         return "vps"
 
-    def open_channel(self, command, *, sudo=False, timeout=None):
+    def stream(self, command, *, sudo=False):
         if sudo and self.use_sudo:
-            from fabfile.host import sudo_wrap
-
             command = sudo_wrap(command)
         self.commands.append(command)
-        return LocalChannel(command)
+        return ProcessStream(command.removeprefix("sudo -n "))
 
 
 @pytest.mark.parametrize("use_sudo", [False, True])
@@ -81,16 +53,16 @@ def test_a_short_or_failed_remote_write_raises_and_leaves_nothing(tmp_path):
     host.commands = []
     (tmp_path / "f").write_text("old\n")
 
-    class Short(LocalChannel):
-        def sendall(self, data) -> None:
-            super().sendall(bytes(data)[:3])  # the link drops after 3 bytes
+    class Short(ProcessStream):
+        def send(self, data) -> None:
+            super().send(bytes(data)[:3])  # the link drops after 3 bytes
 
-    host.open_channel = lambda command, **kw: Short(command)
+    host.stream = lambda command, **kw: Short(command)
     with pytest.raises(OpsError, match=r"cannot write .*/f on vps: wrote 3 of 8 bytes"):
         host.write_file(str(tmp_path / "f"), b"12345678")
     assert (tmp_path / "f").read_text() == "old\n"
     assert [p.name for p in tmp_path.iterdir()] == ["f"]
-    host.open_channel = lambda command, **kw: LocalChannel(command)
+    del host.stream
     with pytest.raises(OpsError, match=r"cannot write /nonexistent/dir/f on vps: "
                                        r"No such file or directory$"):
         host.write_file("/nonexistent/dir/f", b"x")
@@ -115,3 +87,75 @@ def test_one_idea_of_a_local_address_for_every_caller():
     assert split_host_port("registry.example.com") == ("registry.example.com", "")
     assert host_port("::1", 5000) == "[::1]:5000" and host_port("[::1]", 1) == "[::1]:1"
     assert host_port("127.0.0.1", 80) == "127.0.0.1:80"
+
+
+# --- Host.stream and write_file/read_file on the local side (inv on the server) ----------
+
+
+def stream_keeps_its_contract(host: Host) -> None:
+    """What every transport's stream does (here: this test; over SSH: test_ssh)."""
+    running = host.stream("cat; echo 'first line' >&2; echo 'the cause' >&2; exit 3")
+    try:
+        running.send(b"\x00bytes\xff" * 100000)  # more than a pipe holds, stderr read too
+        assert running.read_all() == b"\x00bytes\xff" * 100000
+        assert running.wait() == 3
+        with pytest.raises(OpsError, match=r"^reading it: first line \| the cause$"):
+            running.finish("reading it")
+    finally:
+        running.close()
+
+
+def test_a_local_stream_takes_stdin_gives_stdout_and_fails_with_its_stderr():
+    stream_keeps_its_contract(Host(Context()))
+    ok = Host(Context()).stream("cat >/dev/null")
+    assert ok.finish("never") == 0
+
+
+def test_closing_a_local_stream_stops_its_command_and_ctrl_c_does_not_reach_it():
+    running = Host(Context()).stream("echo started; exec sleep 60")
+    assert running.read(100) == b"started\n"
+    pid = running.proc.pid
+    assert os.getsid(pid) == pid  # its own session: our terminal's Ctrl-C is ours alone
+    running.close()
+    assert running.proc.poll() is not None
+
+
+@pytest.fixture
+def fake_sudo(tmp_path, monkeypatch):
+    """A ``sudo`` first on PATH that logs its arguments and runs the command."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "sudo.log"
+    sudo = bin_dir / "sudo"
+    sudo.write_text(f'#!/bin/sh\necho "$1 $2 $3" >> {log}\nshift\nexec "$@"\n')
+    sudo.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    return log
+
+
+def test_local_write_and_read_go_through_sudo_when_asked(tmp_path, fake_sudo):
+    host = Host(Context(), use_sudo=True)
+    target = tmp_path / "backups" / "m.json"
+    target.parent.mkdir()
+    host.write_file(str(target), b'{"a": 1}\n', mode=0o600, sudo=True)
+    assert fake_sudo.read_text() == "-n bash -c\n"  # the whole command, privileged
+    assert target.read_bytes() == b'{"a": 1}\n'
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    assert [p.name for p in target.parent.iterdir()] == ["m.json"]
+    assert host.read_file(str(target), sudo=True) == b'{"a": 1}\n'
+    assert fake_sudo.read_text() == "-n bash -c\n" * 2
+    host.write_file(str(target), b"plain\n")  # sudo not asked: none
+    assert host.read_file(str(target)) == b"plain\n"
+    assert fake_sudo.read_text() == "-n bash -c\n" * 2
+
+
+def test_a_failed_local_write_or_read_raises_one_line(tmp_path):
+    host = Host(Context())
+    (tmp_path / "f").write_text("old\n")
+    with pytest.raises(OpsError, match=r"^cannot write /nonexistent/dir/f: "
+                                       r"No such file or directory$"):
+        host.write_file("/nonexistent/dir/f", b"x")
+    with pytest.raises(OpsError, match=r"^cannot read /nonexistent/f: cat: /nonexistent/f: "
+                                       r"No such file or directory$"):
+        host.read_file("/nonexistent/f")
+    assert (tmp_path / "f").read_text() == "old\n"

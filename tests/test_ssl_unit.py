@@ -47,7 +47,12 @@ def test_obtain_command_is_a_webroot_certonly_against_the_configured_server():
     assert pairs["--config-dir"] == "/srv/le"
     assert pairs["--work-dir"] == "/srv/le/work"
     assert pairs["--logs-dir"] == "/srv/le/logs"
-    assert pairs["--deploy-hook"] == "/opt/maicivy/ssl/deploy-hook.sh"
+    # the hook's path only (certbot stores it for renewals); its values beside it
+    assert argv(pairs["--deploy-hook"]) == ["/opt/maicivy/ssl/deploy-hook.sh"]
+    assert tls.hook_values(settings()).splitlines() == [
+        "/opt/maicivy/docker/nginx/certs", "maicivy",
+        "/opt/maicivy/.env", "/opt/maicivy/docker/docker-compose.prod.yml",
+        "maicivy.example.com", "grafana.maicivy.example.com"]
     assert {"--webroot", "--non-interactive", "--agree-tos", "--keep-until-expiring"} <= set(a)
     assert "--force-renewal" not in a
 
@@ -133,11 +138,14 @@ def hook_env(tmp_path):
     hook.parent.mkdir(parents=True)
     hook.write_text(tls.deploy_hook_script(s))
     hook.chmod(0o755)
+    Path(tls.hook_values_path(s)).write_text(tls.hook_values(s))
     return s, tmp_path
 
 
-def run_hook(s, lineage: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([tls.hook_path(s)], env={**os.environ, "RENEWED_LINEAGE": str(lineage)},
+def run_hook(s, lineage: Path, env=None) -> subprocess.CompletedProcess:
+    """The hook as certbot runs it: its --deploy-hook command, in a shell."""
+    return subprocess.run(["sh", "-c", tls.hook_command(s)],
+                          env={**(env or os.environ), "RENEWED_LINEAGE": str(lineage)},
                           capture_output=True, text=True, timeout=60)
 
 
@@ -145,6 +153,81 @@ def test_deploy_hook_is_valid_bash():
     proc = subprocess.run(["bash", "-n"], input=tls.deploy_hook_script(settings()),
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+# nginx runs; `nginx -t` answers as NGINX_T says (0: accepts the files)
+FAKE_DOCKER = """
+case "$*" in
+  *" ps --status running --services") echo postgres; echo nginx;;
+  *" exec -T nginx nginx -t -q") [ "${NGINX_T:-0}" = 0 ] || echo "nginx: [emerg] bad key" >&2
+                                 exit "${NGINX_T:-0}";;
+  *" exec -T nginx nginx -s reload") ;;
+  *) echo "unexpected docker $*" >&2; exit 99;;
+esac
+"""
+
+
+def test_deploy_hook_installs_and_reloads_a_running_nginx(hook_env):
+    from fake_tools import calls, fake_path
+
+    s, tmp = hook_env
+    lineage = tmp / "le" / "live" / "grafana.maicivy.test"
+    make_cert(lineage, "grafana.maicivy.test")
+    proc = run_hook(s, lineage, env=fake_path(tmp, docker=FAKE_DOCKER))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "maicivy deploy hook: installed grafana.maicivy.test and reloaded nginx\n"
+    compose = (f"docker compose --project-name maicivyhooktest --env-file {s.env_file} "
+               f"-f {s.compose_file}")
+    assert calls(tmp) == [f"{compose} ps --status running --services",
+                          f"{compose} exec -T nginx nginx -t -q",
+                          f"{compose} exec -T nginx nginx -s reload"]
+    dest = Path(tls.cert_dir(s, "grafana.maicivy.test"))
+    assert sorted(p.name for p in dest.iterdir()) == ["fullchain.pem", "privkey.pem"]
+
+
+def test_deploy_hook_puts_the_previous_certificate_back_when_nginx_rejects_the_new_one(
+        hook_env):
+    from fake_tools import calls, fake_path
+
+    s, tmp = hook_env
+    dest = Path(tls.cert_dir(s, "maicivy.test"))
+    make_cert(dest, "maicivy.test")
+    before = {f: (dest / f).read_bytes() for f in ("fullchain.pem", "privkey.pem")}
+    lineage = tmp / "le" / "live" / "maicivy.test"
+    make_cert(lineage, "maicivy.test")
+    env = {**fake_path(tmp, docker=FAKE_DOCKER), "NGINX_T": "1"}
+    proc = run_hook(s, lineage, env=env)
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [
+        "nginx: [emerg] bad key",
+        "maicivy deploy hook: nginx rejects the new maicivy.test certificate; "
+        "previous one restored"]
+    assert {f: (dest / f).read_bytes() for f in before} == before
+    assert sorted(p.name for p in dest.iterdir()) == ["fullchain.pem", "privkey.pem"]
+    assert not any("reload" in c for c in calls(tmp))
+
+
+def test_the_hook_without_its_values_says_what_installs_the_certificate(hook_env):
+    s, tmp = hook_env
+    lineage = tmp / "le" / "live" / "maicivy.test"
+    make_cert(lineage, "maicivy.test")
+    Path(tls.hook_values_path(s)).unlink()
+    proc = subprocess.run([tls.hook_path(s)], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "RENEWED_LINEAGE": str(lineage)})
+    assert (proc.returncode, proc.stdout) == (1, "")
+    assert proc.stderr == (f"maicivy deploy hook: cannot read the stack's values from "
+                           f"{tls.hook_values_path(s)}; run ssl.renew, which rewrites them "
+                           "and installs the certificate for nginx\n")
+    assert not Path(tls.cert_dir(s, "maicivy.test")).exists()
+
+
+def test_the_hook_says_how_certbot_runs_it_when_run_by_hand(hook_env):
+    s, tmp = hook_env
+    proc = subprocess.run(["sh", "-c", tls.hook_command(s)], capture_output=True, text=True,
+                          env={k: v for k, v in os.environ.items() if k != "RENEWED_LINEAGE"})
+    assert proc.returncode == 1
+    assert proc.stderr.strip().endswith(
+        "RENEWED_LINEAGE: this hook is run by certbot, with RENEWED_LINEAGE set")
 
 
 def test_deploy_hook_installs_a_lineage_for_nginx_with_a_private_key_mode(hook_env):
@@ -188,17 +271,51 @@ def test_deploy_hook_leaves_certificates_of_other_sites_alone(hook_env):
     assert not Path(tls.cert_dir(s, "someone-else.example.org")).exists()
 
 
+# --- self-signed stand-ins (stack.ensure_certificates) --------------------------------
+
+
+def test_stand_in_certificates_are_made_once_for_names_without_one(tmp_path):
+    from invoke import Context
+
+    from fabfile.host import Host
+    from fabfile.stack import ensure_certificates
+
+    s = settings(root=str(tmp_path), domain="maicivy.test", grafana_domain="grafana.maicivy.test")
+    keep = Path(tls.cert_dir(s, "grafana.maicivy.test"))
+    make_cert(keep, "grafana.maicivy.test")
+    before = (keep / "fullchain.pem").read_bytes()
+    host = Host(Context())
+    assert ensure_certificates(host, s) == ["maicivy.test"]
+    made = Path(tls.cert_dir(s, "maicivy.test"))
+    assert sorted(p.name for p in made.iterdir()) == ["fullchain.pem", "privkey.pem"]
+    assert (made / "privkey.pem").stat().st_mode & 0o777 == 0o600
+    assert (keep / "fullchain.pem").read_bytes() == before
+    assert ensure_certificates(host, s) == []
+
+
+def test_a_stand_in_that_cannot_be_made_fails_and_leaves_nothing_half_written(tmp_path):
+    from fake_tools import fake_path, run
+
+    from fabfile.stack import SELF_SIGNED
+
+    env = fake_path(tmp_path, openssl="echo 'openssl: no entropy' >&2; exit 1")
+    r = run(SELF_SIGNED.command(30, tmp_path / "certs", "a.test", "b.test"), env)
+    assert (r.returncode, r.stdout, r.stderr) == (1, "", "")
+    assert list((tmp_path / "certs").iterdir()) == [tmp_path / "certs/a.test"]
+    assert list((tmp_path / "certs/a.test").iterdir()) == []
+
+
 # --- reading certificates ----------------------------------------------------------
 
 
 def test_file_probe_reads_issuer_expiry_and_days_left(tmp_path):
-    s = settings(root=str(tmp_path), domain="maicivy.test", grafana_domain="grafana.maicivy.test")
+    s = settings(root=str(tmp_path), domain="maicivy.test", grafana_domain="grafana.maicivy.test",
+                 publish={"https": 9, "bind": "127.0.0.1"})
     make_cert(Path(tls.cert_dir(s, "maicivy.test")), "maicivy.test", days=10)
-    out = subprocess.run(["bash", "-c", tls.file_cert_command(s, "maicivy.test")],
-                         capture_output=True, text=True, check=True).stdout
-    import time
-
-    info = tls.parse_x509("maicivy.test", "file", out, time.time())
+    out = subprocess.run(["bash", "-c", tls.cert_probe_command(s)],
+                         capture_output=True, text=True, check=True, timeout=60).stdout
+    info = [i for i in tls.parse_cert_probe(out)
+            if (i.domain, i.source) == ("maicivy.test", "file")][0]
     assert info.error == ""
     assert info.issuer == info.subject == "maicivy.test" and info.self_signed
     assert 9 <= info.days_left <= 10
@@ -208,7 +325,7 @@ def test_file_probe_reads_issuer_expiry_and_days_left(tmp_path):
 def test_probe_of_a_missing_certificate_and_of_a_silent_port_reports_errors(tmp_path):
     s = settings(root=str(tmp_path), domain="maicivy.test", grafana_domain="grafana.maicivy.test",
                  publish={"https": 9, "bind": "127.0.0.1"})
-    out = subprocess.run(["bash", "-c", tls.cert_probe_script(s)], capture_output=True,
+    out = subprocess.run(["bash", "-c", tls.cert_probe_command(s)], capture_output=True,
                          text=True, timeout=60).stdout
     infos = tls.parse_cert_probe(out)
     assert [(i.domain, i.source) for i in infos] == [

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import shlex
 from dataclasses import dataclass
 
 from ..addresses import is_loopback
 from ..config import Settings
 from ..errors import OpsError
 from ..host import Host
+from ..shell import bash_c, q
 
 PART_SIZE = 8 * 1024 * 1024
 
@@ -112,25 +112,19 @@ def client(settings: Settings, env: dict[str, str]):
 
 
 class ServerReader:
-    """Read a file on the target in chunks (local file, or ``cat`` over SSH)."""
+    """Read a file on the target in chunks (``cat`` through :meth:`Host.stream`)."""
 
     def __init__(self, host: Host, path: str, sudo: bool = True):
         self.host = host
         self.path = path
-        if host.is_remote:
-            self.chan = host.open_channel(f"cat -- {shlex.quote(path)}", sudo=sudo)
-            self.fh = None
-        else:
-            self.chan = None
-            self.fh = open(path, "rb")  # noqa: SIM115 - closed in close()
+        self.stream = host.stream(f"cat -- {q(path)}", sudo=sudo)
+        self.stream.close_stdin()
 
     def read(self, size: int) -> bytes:
-        if self.fh is not None:
-            return self.fh.read(size)
         parts = []
         got = 0
         while got < size:
-            chunk = self.chan.recv(min(size - got, 1024 * 1024))
+            chunk = self.stream.read(min(size - got, 1024 * 1024))
             if not chunk:
                 break
             parts.append(chunk)
@@ -138,49 +132,29 @@ class ServerReader:
         return b"".join(parts)
 
     def close(self) -> None:
-        if self.fh is not None:
-            self.fh.close()
-            return
-        status = self.chan.recv_exit_status()
-        self.chan.close()
-        if status != 0:
-            raise OpsError(f"cannot read {self.path} on {self.host.name}")
+        try:
+            self.stream.finish(f"cannot read {self.path} on {self.host.name}")
+        finally:
+            self.stream.close()
 
 
 class ServerWriter:
-    """Write a file on the target in chunks, fsynced (local file, or ``cat >`` over SSH)."""
+    """Write a file on the target in chunks, fsynced (``cat >`` through :meth:`Host.stream`)."""
 
     def __init__(self, host: Host, path: str, sudo: bool = True):
         self.host = host
         self.path = path
-        if host.is_remote:
-            p = shlex.quote(path)
-            cmd = f"bash -c {shlex.quote(f'umask 077; cat > {p} && sync -- {p}')}"
-            self.chan = host.open_channel(cmd, sudo=sudo)
-            self.fh = None
-        else:
-            self.chan = None
-            self.fh = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self.stream = host.stream(bash_c('umask 077; cat > "$1" && sync -- "$1"', path),
+                                  sudo=sudo)
 
     def write(self, data: bytes) -> None:
-        if self.fh is not None:
-            self.fh.write(data)
-        else:
-            self.chan.sendall(data)
+        self.stream.write(data)
 
     def close(self) -> None:
-        import os
-
-        if self.fh is not None:
-            self.fh.flush()
-            os.fsync(self.fh.fileno())
-            self.fh.close()
-            return
-        self.chan.shutdown_write()
-        status = self.chan.recv_exit_status()
-        self.chan.close()
-        if status != 0:
-            raise OpsError(f"cannot write {self.path} on {self.host.name} (disk full?)")
+        try:
+            self.stream.finish(f"cannot write {self.path} on {self.host.name}")
+        finally:
+            self.stream.close()
 
 
 # --- upload / download -----------------------------------------------------------
