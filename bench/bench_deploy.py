@@ -139,7 +139,7 @@ class Bench:
             ours.append(timed(run))
             assert "nothing changed" in proc.stdout, proc.stdout
 
-        from fabfile.deploy.tasks import deploy_host
+        from fabfile.deploy.runner import deploy_host
 
         def in_process():
             conn = self.ssh.connection(self.overrides)

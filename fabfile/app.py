@@ -21,7 +21,8 @@ from invoke import Collection, Exit
 from . import clock
 from .config import SERVICES, Settings
 from .core import host_for, ops_task, settings_for
-from .deploy.release import ROLLING, log_line, state_dir
+from .deploy.history import log_line
+from .deploy.release import ROLLING, state_dir
 from .errors import OpsError
 from .host import Host, sudo_wrap
 from .progress import step
@@ -367,9 +368,12 @@ def wait_healthy_cmd(settings: Settings, service: str, timeout: int) -> str:
 
 def restart_service(host: Host, settings: Settings, service: str) -> str:
     """Restart one service and wait for it to be healthy; returns how it was done."""
-    from .deploy import tasks as deploy
-    from .deploy.release import Plan, inspect_containers_cmd, log_append, parse_containers, sections
+    from .deploy import runner as deploy
+    from .deploy.history import log_append
+    from .deploy.release import Plan, parse_containers
+    from .deploy.scripts import inspect_containers_cmd
     from .lock import stack_lock
+    from .shell import sections
 
     timeout = int(settings.deploy.health_timeout_seconds)
     current = f"echo '== current'; cat {shlex.quote(state_dir(settings))}/current 2>/dev/null"
@@ -404,7 +408,7 @@ def restart_service(host: Host, settings: Settings, service: str) -> str:
 
 
 def _who() -> str:
-    from .deploy.tasks import local_user
+    from .deploy.runner import local_user
 
     return local_user()
 

@@ -1,8 +1,10 @@
 """deploy on the real rig: the fab CLI over SSH, a real stack, real nginx.
 
-One stack for the module; the tests run in order and each leaves the stack
-in the state the next one starts from (v1 -> backend v2 -> broken backend
-rolled back -> frontend v2 after a killed deploy -> rollback on demand).
+One stack for the module, shared to save time, but no test depends on another
+having run: each starts by deploying the state it needs (``rig.at(...)``, a
+no-op redeploy when the stack is there already), or from a fresh server
+(``rig.fresh()``). The states: V1 (the rig's images), BACKEND2 (backend v2),
+BOTH2 (backend and frontend v2).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import os
 import re
 import signal
 import time
+from pathlib import Path
 
 import pytest
 from deploy_support import (
@@ -29,11 +32,28 @@ from stack_rig import StackRig
 from fabfile.config import SERVICES
 from fabfile.host import Host
 from fabfile.lock import StackLock
+from fabfile.shell import q
 
 pytestmark = pytest.mark.rig
 
 # Another name when several checkouts run this module at once on one Docker.
 PROJECT = os.environ.get("MAICIVY_DEPLOY_RIG_PROJECT", "maicivydeploy")
+
+
+def v1() -> dict:
+    return {}
+
+
+def backend2() -> dict:
+    from rig.images import BACKEND_V2
+
+    return {"images": {"backend": BACKEND_V2}}
+
+
+def both2() -> dict:
+    from rig.images import BACKEND_V2, FRONTEND_V2
+
+    return {"images": {"backend": BACKEND_V2, "frontend": FRONTEND_V2}}
 
 
 class Rig:
@@ -43,7 +63,7 @@ class Rig:
         self.stack = StackRig(ssh_host, tmp, PROJECT, deploy={"health_timeout_seconds": 20,
                                                                "keep_releases": 2})
         self.settings = self.stack.settings
-        self.base = dict(self.stack.overrides)
+        self.base = dict(self.stack.overrides)  # never changed: tests say what they need
         self.root = tmp / "srv"
         self.domain = self.settings.domain
         self.https = self.settings.publish.https
@@ -61,15 +81,32 @@ class Rig:
         return write_config(self.tmp / f"maicivy-{self.n}.yaml", data,
                             [str(self.ssh_host.known_hosts)])
 
-    def use(self, **changes):
-        """Make ``changes`` the new baseline and return its settings file."""
-        path = self.config(**changes)
-        for key, value in changes.items():
-            if isinstance(value, dict) and isinstance(self.base.get(key), dict):
-                self.base[key] = {**self.base[key], **value}
-            else:
-                self.base[key] = value
-        return path
+    def fresh(self) -> None:
+        """A fresh server after provision: directories, .env; no stack, no stack files,
+        no deploy state and no certificate (the first deploy makes its stand-ins)."""
+        s = self.settings
+        if (self.root / "docker/docker-compose.prod.yml").exists():
+            self.stack.down()
+        remove_release_tags(PROJECT)
+        self.stack.run(f"rm -rf {q(s.root)} {q(s.backup.dir)} {q(s.backup.textfile_dir)} "
+                       f"{q(s.tls.webroot)}")
+        for d in (s.backup.dir, s.backup.textfile_dir, s.tls.webroot, s.root):
+            self.stack.run(f"mkdir -p {q(d)}")
+        self.stack.write_env()
+
+    def at(self, changes: dict) -> Path:
+        """Deploy ``changes`` (over the rig's settings) -- a no-op when the stack runs
+        them already -- with a row in the application's database (for the pre-deploy
+        backups). The state a test starts from; returns its settings file."""
+        config = self.config(**changes)
+        proc = self.deploy(config=config, timeout=900)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        self.stack.run(self.stack.compose(
+            "exec", "-T", "postgres", "sh", "-c",
+            'psql -q -v ON_ERROR_STOP=1 -U "$POSTGRES_USER" -d "$POSTGRES_DB" -c '
+            '"CREATE TABLE IF NOT EXISTS visits (id serial PRIMARY KEY, '
+            'at timestamptz DEFAULT now()); INSERT INTO visits DEFAULT VALUES;"'))
+        return config
 
     def deploy(self, *args, config=None, **kw):
         return fab(self.ssh_host, config or self.config(), "deploy", *args, **kw)
@@ -98,13 +135,7 @@ class Rig:
 @pytest.fixture(scope="module")
 def rig(ssh_host, tmp_path_factory):
     r = Rig(ssh_host, tmp_path_factory.mktemp("deploy"))
-    remove_release_tags(PROJECT)  # left by an interrupted earlier run
-    s = r.settings
-    # A fresh server after provision: directories, .env; no stack files, and no
-    # certificate (the first deploy makes its stand-ins).
-    for d in (s.backup.dir, s.backup.textfile_dir, s.tls.webroot, s.root):
-        r.stack.run(f"mkdir -p {d}")
-    r.stack.write_env()
+    r.fresh()  # also drops the release tags an interrupted earlier run left
     try:
         yield r
     finally:
@@ -113,6 +144,7 @@ def rig(ssh_host, tmp_path_factory):
 
 
 def test_first_deploy_brings_every_service_up_healthy(rig):
+    rig.fresh()
     proc = rig.deploy(timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert rig.stack.service_health() == {name: "healthy" for name in SERVICES}
@@ -128,17 +160,12 @@ def test_first_deploy_brings_every_service_up_healthy(rig):
     head, first = history.stdout.splitlines()[:2]
     assert head.split() == ["TIME", "RESULT", "RELEASE", "USER", "BACKEND", "FRONTEND", "DETAIL"]
     assert first.split()[1:2] == ["ok"] and first.split()[4:6] == ["v1", "test"]
-    # The application's data, for the pre-deploy backups of the next deploys.
-    rig.stack.run(rig.stack.compose(
-        "exec", "-T", "postgres", "sh", "-c",
-        'psql -q -v ON_ERROR_STOP=1 -U "$POSTGRES_USER" -d "$POSTGRES_DB" -c '
-        '"CREATE TABLE visits (id serial PRIMARY KEY, at timestamptz DEFAULT now()); '
-        'INSERT INTO visits DEFAULT VALUES;"'))
 
 
 def test_noop_redeploy_recreates_nothing_and_says_so(rig):
+    config = rig.at(v1())
     before = containers(PROJECT)
-    proc = rig.deploy()
+    proc = rig.deploy(config=config)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "nothing changed" in proc.stdout
     assert containers(PROJECT) == before
@@ -146,6 +173,7 @@ def test_noop_redeploy_recreates_nothing_and_says_so(rig):
 
 
 def test_dry_run_prints_diffs_and_leaves_the_server_byte_identical(rig):
+    rig.at(v1())
     before_tree = tree_fingerprint(rig.root)
     before_containers = containers(PROJECT)
     config = rig.config(rate_limit={"per_minute": 1200},
@@ -168,9 +196,8 @@ def test_dry_run_prints_diffs_and_leaves_the_server_byte_identical(rig):
 
 
 def test_new_backend_image_is_deployed_without_a_failed_request(rig):
-    from rig.images import BACKEND_V2
-
-    config = rig.use(images={"backend": BACKEND_V2})
+    rig.at(v1())
+    config = rig.config(**backend2())
     others = {n: v for n, v in containers(PROJECT).items() if "-backend-" not in n}
     with ClientLoop(rig.domain, rig.https, rate=50) as loop:
         time.sleep(1)
@@ -196,6 +223,7 @@ def test_new_backend_image_is_deployed_without_a_failed_request(rig):
 def test_broken_backend_is_rolled_back_automatically(rig):
     from rig.images import BACKEND_BROKEN
 
+    rig.at(backend2())
     before = rig.running("backend")
     with ClientLoop(rig.domain, rig.https, rate=20) as loop:
         proc = rig.deploy(config=rig.config(images={"backend": BACKEND_BROKEN}))
@@ -225,13 +253,14 @@ def test_broken_backend_is_rolled_back_automatically(rig):
 
 
 def test_second_deploy_is_refused_while_one_holds_the_lock(rig):
+    config = rig.at(v1())
     conn = rig.ssh_host.connection(rig.stack.overrides)
     lock = StackLock(Host(conn), rig.settings, "deploy",
                      owner="deploy by carol@laptop since 2026-11-25T10:00Z")
     lock.acquire()
     try:
         start = time.monotonic()
-        proc = rig.deploy(timeout=120)
+        proc = rig.deploy(config=config, timeout=120)
         took = time.monotonic() - start
     finally:
         lock.release()
@@ -240,7 +269,7 @@ def test_second_deploy_is_refused_while_one_holds_the_lock(rig):
     assert ("another task holds the stack lock: deploy by carol@laptop since "
             "2026-11-25T10:00Z") in proc.stderr
     assert took < 60  # refused at once, not after waiting for the lock
-    assert rig.deploy().returncode == 0  # released with its holder
+    assert rig.deploy(config=config).returncode == 0  # released with its holder
 
 
 def _until(proc, marker: str, seen: list[str], timeout: float = 300) -> None:
@@ -266,18 +295,19 @@ def test_killed_lock_holder_lets_no_second_deploy_overlap(rig):
     """kill -9 of the recorded holder: the lock still holds. Killing every holder
     process: a second deploy gets the lock only after the first one's running step
     ended, and the first stops at its next step (lost lock), without rolling back."""
-    first = fab_popen(rig.ssh_host, rig.config(), "deploy", "--backend-tag", "v1")
+    config = rig.at(backend2())
+    first = fab_popen(rig.ssh_host, config, "deploy", "--backend-tag", "v1")
     seen: list[str] = []
     try:
         _until(first, "backend: starting the new container", seen)
         bash, cat = _holder_pids(rig)
         os.kill(bash, signal.SIGKILL)
         time.sleep(0.5)
-        refused = rig.deploy(timeout=120)
+        refused = rig.deploy(config=config, timeout=120)
         assert refused.returncode == 75, refused.stdout + refused.stderr
         assert "another task holds the stack lock: deploy by" in refused.stderr
         os.kill(cat, signal.SIGKILL)  # now nothing holds it on the server
-        second = rig.deploy("--backend-tag", "v1", timeout=600)
+        second = rig.deploy("--backend-tag", "v1", config=config, timeout=600)
         rest, _ = first.communicate(timeout=600)
     finally:
         if first.poll() is None:
@@ -299,14 +329,15 @@ def test_killed_lock_holder_lets_no_second_deploy_overlap(rig):
     assert any(j[1] == b and j[2] == "finished" for j in journal)
     assert "previous deploy by" in second.stdout  # it was told about the first one
     # The tag given on the command line is in the history.
-    history = json.loads(fab(rig.ssh_host, rig.config(), "deploy.history", "--json").stdout)
+    history = json.loads(fab(rig.ssh_host, config, "deploy.history", "--json").stdout)
     assert history[-1]["result"] == "ok"
     assert history[-1]["images"]["backend"]["ref"].endswith("/backend:v1")
 
 
 def test_lost_connection_mid_deploy_is_reported_never_rolled_back(rig):
+    config = rig.at(v1())
     log_before = rig.log()
-    first = fab_popen(rig.ssh_host, rig.config(), "deploy", "--backend-tag", "v2")
+    first = fab_popen(rig.ssh_host, config, "deploy", "--backend-tag", "v2")
     seen: list[str] = []
     try:
         _until(first, "backend: starting the new container", seen)
@@ -331,7 +362,7 @@ def test_lost_connection_mid_deploy_is_reported_never_rolled_back(rig):
     assert "lost the connection during deploy" in out
     assert "); rolling back" not in out and "did not become healthy" not in out
     assert rig.log() == log_before  # nothing written without the lock
-    again = rig.deploy("--backend-tag", "v2", timeout=600)
+    again = rig.deploy("--backend-tag", "v2", config=config, timeout=600)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "the previous deploy by" in again.stdout and "was interrupted" in again.stdout
     assert "state left by the interrupted deploy" in again.stdout
@@ -339,12 +370,13 @@ def test_lost_connection_mid_deploy_is_reported_never_rolled_back(rig):
 
 
 def test_unlock_of_a_frozen_deploy_makes_it_fail_when_resumed(rig):
-    first = fab_popen(rig.ssh_host, rig.config(), "deploy", "--backend-tag", "v1")
+    config = rig.at(backend2())
+    first = fab_popen(rig.ssh_host, config, "deploy", "--backend-tag", "v1")
     seen: list[str] = []
     try:
         _until(first, "backend: starting the new container", seen)
         first.send_signal(signal.SIGSTOP)
-        unlock = fab(rig.ssh_host, rig.config(), "deploy.unlock", timeout=120)
+        unlock = fab(rig.ssh_host, config, "deploy.unlock", timeout=120)
         assert unlock.returncode == 0, unlock.stdout + unlock.stderr
         assert "lock broken (was held by deploy by" in unlock.stdout
         first.send_signal(signal.SIGCONT)
@@ -359,7 +391,7 @@ def test_unlock_of_a_frozen_deploy_makes_it_fail_when_resumed(rig):
     assert "lost the stack lock" in out and "released" in out
     assert "); rolling back" not in out
     # The next deploy (the settings' backend v2) converges from what it left.
-    again = rig.deploy(timeout=600)
+    again = rig.deploy(config=config, timeout=600)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "was interrupted" in again.stdout
     assert rig.backend_version() == "v2" and len(rig.running("backend")) == 1
@@ -367,9 +399,8 @@ def test_unlock_of_a_frozen_deploy_makes_it_fail_when_resumed(rig):
 
 
 def test_killed_connection_mid_deploy_then_next_deploy_converges(rig):
-    from rig.images import FRONTEND_V2
-
-    config = rig.use(images={"frontend": FRONTEND_V2})
+    rig.at(backend2())
+    config = rig.config(**both2())
     proc = fab_popen(rig.ssh_host, config, "deploy")
     seen = []
     for line in proc.stdout:
@@ -388,14 +419,21 @@ def test_killed_connection_mid_deploy_then_next_deploy_converges(rig):
 
 
 def test_rollback_on_demand_returns_to_the_previous_release(rig):
+    """Its own history first: ok, unchanged, rolled-back, ok, ok -- then the rollback."""
+    from rig.images import BACKEND_BROKEN
+
+    rig.at(both2())
+    logged = len(rig.log())
+    for changes in (v1(), v1(), {"images": {"backend": BACKEND_BROKEN}}, backend2(), both2()):
+        rig.deploy(config=rig.config(**changes), timeout=900)
     proc = fab(rig.ssh_host, rig.config(), "deploy.rollback")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "release v1" in rig.frontend_page()  # the frontend of the previous release
     assert rig.backend_version() == "v2"
     assert " result=rollback " in rig.log()[-1]
-    history = fab(rig.ssh_host, rig.config(), "deploy.history", "--json")
+    history = fab(rig.ssh_host, rig.config(), "deploy.history", "--json", "--lines", "100")
     assert history.returncode == 0, history.stderr
-    results = [e["result"] for e in json.loads(history.stdout)]
+    results = [e["result"] for e in json.loads(history.stdout)][-(len(rig.log()) - logged):]
     assert results[:2] == ["ok", "unchanged"] and results[-1] == "rollback"
     assert "rolled-back" in results
     # Releases were made, two are kept (deploy.keep_releases), with their image tags.

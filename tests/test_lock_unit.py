@@ -18,7 +18,8 @@ from invoke import Context
 
 import fabfile.lock
 from fabfile.config import load_settings
-from fabfile.deploy.release import deploy_report_script, parse_state
+from fabfile.deploy.release import parse_state
+from fabfile.deploy.scripts import deploy_report_script
 from fabfile.errors import OpsError
 from fabfile.host import Host
 from fabfile.lock import (

@@ -1,7 +1,9 @@
 """What runs after a deploy is what was deployed: the real fab CLI, a real stack.
 
-One stack for the module, started by ``fab deploy`` on a server that has no
-certificate yet; the tests run in order:
+One stack for the module, shared to save time, but no test depends on another
+having run: each starts from the state it needs -- a fresh server without a
+certificate (``rig.fresh()``) or the stack deployed with the rig's settings
+(``rig.at_defaults()``, a no-op redeploy when it runs them already):
 
 * the first deploy makes its own stand-in certificates;
 * a changed nginx setting and alert threshold are *in effect* after the
@@ -16,6 +18,7 @@ certificate yet; the tests run in order:
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import time
 
@@ -69,6 +72,26 @@ class Rig:
                               [str(self.ssh_host.known_hosts)])
         return fab(self.ssh_host, config, *(args or ("deploy",)), timeout=900)
 
+    def fresh(self) -> None:
+        """A fresh server after provision's directories and .env: no stack, no stack
+        files, no deploy state and no certificate."""
+        s = self.settings
+        if (self.root / "docker/docker-compose.prod.yml").exists():
+            self.stack.down()
+        remove_release_tags(PROJECT)
+        dirs = (s.backup.dir, s.backup.textfile_dir, s.tls.webroot, s.root)
+        self.stack.run("rm -rf " + " ".join(shlex.quote(d) for d in dirs))
+        for d in dirs:
+            self.stack.run(f"mkdir -p {shlex.quote(d)}")
+        self.stack.write_env()
+
+    def at_defaults(self) -> None:
+        """The stack deployed with the rig's settings (rate 6000/min, disk alert < 15%)."""
+        if not (self.root / "docker/docker-compose.prod.yml").exists():
+            self.fresh()
+        proc = self.deploy()
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+
     def nginx_t(self) -> str:
         return docker("exec", container("nginx"), "nginx", "-T")
 
@@ -94,12 +117,7 @@ class Rig:
 @pytest.fixture(scope="module")
 def rig(ssh_host, tmp_path_factory):
     r = Rig(ssh_host, tmp_path_factory.mktemp("running"))
-    remove_release_tags(PROJECT)
-    s = r.settings
-    # A fresh server after provision's directories and .env -- and no certificate.
-    for d in (s.backup.dir, s.backup.textfile_dir, s.tls.webroot, s.root):
-        r.stack.run(f"mkdir -p {d}")
-    r.stack.write_env()
+    r.fresh()  # also drops the release tags an interrupted earlier run left
     try:
         yield r
     finally:
@@ -110,6 +128,7 @@ def rig(ssh_host, tmp_path_factory):
 
 
 def test_first_deploy_on_a_server_without_certificates(rig):
+    rig.fresh()
     certs = rig.root / "docker/nginx/certs"
     assert not certs.exists() or not any(certs.rglob("*.pem"))
     proc = rig.deploy()
@@ -125,13 +144,17 @@ def test_first_deploy_on_a_server_without_certificates(rig):
     assert rig.served_config_id() == rig.file_config_id() is not None
 
 
+CHANGED = {"rate_limit": {"per_minute": 60, "burst": 5}, "alerts": {"disk_free_percent": 12}}
+
+
 def test_changed_nginx_setting_and_alert_threshold_are_in_effect(rig):
+    rig.at_defaults()
+    time.sleep(2)  # let the rate limiter forget an earlier burst
     assert "rate=6000r/m" in rig.nginx_t()
     assert 429 not in rig.burst()
     assert "< 15" in rig.alert_query("DiskSpaceLow")
     nginx_before = container("nginx")
-    proc = rig.deploy(rate_limit={"per_minute": 60, "burst": 5},
-                      alerts={"disk_free_percent": 12})
+    proc = rig.deploy(**CHANGED)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
     assert "nginx: reloading" in out and "prometheus: reloading" in out
@@ -145,7 +168,11 @@ def test_changed_nginx_setting_and_alert_threshold_are_in_effect(rig):
 
 
 def test_rollback_puts_the_previous_config_in_effect(rig):
-    time.sleep(2)  # let the rate limiter forget the last burst
+    rig.at_defaults()
+    changed = rig.deploy(**CHANGED)
+    assert changed.returncode == 0, changed.stdout + changed.stderr
+    assert "rate=60r/m" in rig.nginx_t()
+    time.sleep(2)  # let the rate limiter forget an earlier burst
     proc = rig.deploy("deploy.rollback")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     conf = rig.nginx_t()
@@ -158,6 +185,7 @@ def test_rollback_puts_the_previous_config_in_effect(rig):
 def test_a_reload_that_does_not_take_effect_fails_the_deploy(rig):
     """nginx's master process stopped: ``nginx -s reload`` succeeds, the workers keep
     serving the old configuration. The deploy must see it and roll back."""
+    rig.at_defaults()
     nginx = container("nginx")
     before = rig.served_config_id()
     docker("kill", "-s", "STOP", nginx)
@@ -183,6 +211,7 @@ def test_a_reload_that_does_not_take_effect_fails_the_deploy(rig):
 def test_restarted_backend_is_found_again_without_an_nginx_reload(rig):
     """What Docker's restart policy does after a crash: the container comes back,
     often with another address; nginx asks Docker's DNS again (no reload)."""
+    rig.at_defaults()
     nginx = container("nginx")
     workers = pids(docker("top", nginx))
     backend = container("backend")
@@ -223,6 +252,7 @@ def test_private_images_are_pulled_with_the_credentials_in_env(rig, tmp_path):
     from registry_support import AuthRegistry
     from rig.images import BACKEND_V2
 
+    rig.at_defaults()
     registry = AuthRegistry(tmp_path).start()
     env_file = rig.root / ".env"
     original = env_file.read_text()

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 from fabfile.config import load_settings
-from fabfile.deploy.release import Proof, mounted_files, proof_failures, proof_lines
-from fabfile.deploy.tasks import deployed_proof
+from fabfile.deploy.proof import (
+    Proof,
+    deployed_proof,
+    mounted_files,
+    proof_command,
+    proof_failures,
+)
 from fabfile.stack import remote_files
 
 
@@ -78,55 +83,64 @@ def test_rollback_proof_compares_with_the_files_on_the_host():
     assert len(proof_failures(text, rollback)) == 1
 
 
-def test_proof_lines_ask_the_running_containers():
-    s = settings()
-    script = "\n".join(proof_lines(s, deployed_proof(s, remote_files(s))))
-    assert "wget -qO- -T 5 http://127.0.0.1:8099/config-id" in script
-    assert "prometheus_config_last_reload_success" in script
-    assert "label=com.docker.compose.service=nginx" in script
+DOCKER_PROOF = r'''
+case "$*" in
+  *service=nginx*) echo cnginx;;
+  *service=prometheus*) echo cprom;;
+  "exec cnginx sha256sum -- /etc/nginx/nginx.conf") echo "$NGINX_SEEN  /etc/nginx/nginx.conf";;
+  "exec cnginx wget "*) echo 0123456789abcdef;;
+  "exec cprom sha256sum "*) echo "$PROM_SEEN  /etc/prometheus/alerts.yml";;
+  "exec cprom stat "*) echo "200 /etc/prometheus/alerts.yml";;
+  "exec cprom wget "*) printf '%s\n' 'prometheus_config_last_reload_successful 1' \
+    'prometheus_config_last_reload_success_timestamp_seconds 200.5' 'other 1';;
+esac
+'''
+
+
+def test_proof_asks_the_running_containers(tmp_path):
+    """proof.sh run for real with a fake ``docker``: its output passes proof_failures."""
+    import hashlib
+    import subprocess
+
+    root = tmp_path / "srv"
+    files = {"docker/nginx/nginx.conf": "nginx\n", "monitoring/prometheus/alerts.yml": "rules\n"}
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    sums = {rel: hashlib.sha256(text.encode()).hexdigest() for rel, text in files.items()}
+    proof = Proof(mounts=PROOF.mounts, expected=sums, nginx_config_id="0123456789abcdef")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "docker").write_text('#!/usr/bin/env bash\nprintf "%s\\n" "docker $*" >> "$LOG"\n'
+                                    + DOCKER_PROOF)
+    (bin_dir / "docker").chmod(0o755)
+
+    def run(**env):
+        return subprocess.run(
+            ["bash", "-c", proof_command(settings(root=str(root)), proof)], capture_output=True,
+            text=True, timeout=60, env={"PATH": f"{bin_dir}:/usr/bin:/bin",
+                                        "LOG": str(tmp_path / "log"), **env})
+
+    proc = run(NGINX_SEEN=sums["docker/nginx/nginx.conf"],
+               PROM_SEEN=sums["monitoring/prometheus/alerts.yml"])
+    assert proc.returncode == 0, proc.stderr
+    assert proof_failures(proc.stdout, proof) == []
+    log = (tmp_path / "log").read_text().splitlines()
+    assert ("docker ps -q --filter label=com.docker.compose.project=maicivy --filter "
+            "label=com.docker.compose.service=nginx --filter status=running") in log
+    assert "docker exec cnginx wget -qO- -T 5 http://127.0.0.1:8099/config-id" in log
+    assert "docker exec cprom wget -qO- -T 5 http://127.0.0.1:9090/metrics" in log
+    stale = run(NGINX_SEEN="old", PROM_SEEN=sums["monitoring/prometheus/alerts.yml"])
+    assert proof_failures(stale.stdout, proof) == [
+        "nginx: /etc/nginx/nginx.conf inside its container is not the docker/nginx/nginx.conf "
+        "deployed (the container does not see the new file)"]
 
 
 def test_registry_of_an_image_reference():
-    from fabfile.deploy.release import registry_host
+    from fabfile.deploy.scripts import registry_host
 
     assert registry_host("ghcr.io/acme/backend:1") == "ghcr.io"
     assert registry_host("127.0.0.1:5000/maicivy/backend:v1") == "127.0.0.1:5000"
     assert registry_host("localhost/x") == "localhost"
     assert registry_host("acme/backend:1") == ""  # Docker Hub
     assert registry_host("nginx:1.27-alpine") == ""
-
-
-def test_login_gives_the_password_on_stdin_only(tmp_path):
-    """The login lines, run by a real shell against a recording ``docker``."""
-    import os
-    import subprocess
-
-    from fabfile.deploy.release import login_lines
-
-    password = "s3cret 'with' $pecial \"chars\""
-    env = tmp_path / ".env"
-    env.write_text(f"REGISTRY_USERNAME=deployer\nREGISTRY_PASSWORD='{password}'\n")
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "docker").write_text(
-        '#!/bin/sh\nprintf "%s\\n" "$*" >> "$LOG.argv"\ncat >> "$LOG.stdin"\n'
-        'printf "\\n" >> "$LOG.stdin"\n')
-    (bin_dir / "docker").chmod(0o755)
-    s = settings(root=str(tmp_path))
-    script = "\n".join(["set -e", f"T={tmp_path}", *login_lines(
-        s, ["ghcr.io/acme/backend:1", "ghcr.io/acme/frontend:1", "127.0.0.1:5000/x:1"])])
-    proc = subprocess.run(["sh", "-c", script], capture_output=True, text=True,
-                          env={**os.environ, "PATH": f"{bin_dir}:/usr/bin:/bin",
-                               "LOG": str(tmp_path / "log")})
-    assert proc.returncode == 0, proc.stderr
-    argv = (tmp_path / "log.argv").read_text().splitlines()
-    assert argv == ["login --username deployer --password-stdin 127.0.0.1:5000",
-                    "login --username deployer --password-stdin ghcr.io"]
-    assert (tmp_path / "log.stdin").read_text().splitlines() == [password, password]
-    assert password not in script and password not in proc.stdout + proc.stderr
-    # No credentials: no login at all.
-    env.write_text("REGISTRY_USERNAME=\nREGISTRY_PASSWORD=\n")
-    (tmp_path / "log.argv").unlink()
-    subprocess.run(["sh", "-c", script], check=True, env={
-        **os.environ, "PATH": f"{bin_dir}:/usr/bin:/bin", "LOG": str(tmp_path / "log")})
-    assert not (tmp_path / "log.argv").exists()

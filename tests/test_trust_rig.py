@@ -19,7 +19,7 @@ from test_errors_cli import one_error_line
 
 from fabfile.audit import IDENTITY_SH
 from fabfile.config import load_settings
-from fabfile.deploy.release import log_append
+from fabfile.deploy.history import log_append
 from fabfile.host import Host, harden_connection
 from fabfile.lock import stack_lock
 

@@ -8,7 +8,7 @@ import subprocess
 
 from fabfile.audit import IDENTITY_SH
 from fabfile.config import load_settings
-from fabfile.deploy.release import log_append
+from fabfile.deploy.history import log_append
 from fabfile.provision import live_ssh_port, ssh_port_lockout
 
 

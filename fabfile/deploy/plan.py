@@ -12,14 +12,13 @@ The verdict per service:
 * ``reload`` - a file it mounts changed (nginx, Prometheus, Grafana);
 * ``nothing``.
 
-Then the backup deploy would take first. The generated shell is printed only
+Then the backup deploy would take first. The commands deploy would run are printed only
 with ``--verbose``.
 """
 
 from __future__ import annotations
 
 import difflib
-import shlex
 from dataclasses import dataclass
 
 import yaml
@@ -27,17 +26,12 @@ import yaml
 from ..addresses import is_loopback, split_host_port
 from ..config import SERVICES, Settings
 from ..host import Host, sha256
+from ..shell import script, sections
 from ..stack import remote_files
-from .release import (
-    ROLLING,
-    inspect_containers_cmd,
-    parse_containers,
-    parse_state,
-    probe_script,
-    relative,
-    reloads_for,
-    sections,
-)
+from .release import ROLLING, parse_containers, parse_state, relative, reloads_for
+from .scripts import INSPECT, probe_script
+
+FACTS = script(__file__, "facts.sh")
 
 ACCEPT = ", ".join([
     "application/vnd.oci.image.index.v1+json",
@@ -61,49 +55,18 @@ def split_ref(ref: str) -> tuple[str, str, str]:
     return registry, repo, tag or "latest"
 
 
-def registry_digest_cmd(ref: str) -> str:
-    """Print ``@@remote <ref> <digest or ?reason>``: the digest the tag has in its registry."""
+def registry_manifest_url(ref: str) -> str:
+    """Where the registry answers the manifest of ``ref`` (plain HTTP on a loopback one)."""
     registry, repo, tag = split_ref(ref)
     scheme = "http" if is_loopback(split_host_port(registry)[0]) else "https"
-    url = f"{scheme}://{registry}/v2/{repo}/manifests/{tag}"
-    q = shlex.quote
-    return "\n".join([
-        f"u={q(url)}; a={q('Accept: ' + ACCEPT)}",
-        'h=$(curl -sSI --max-time 10 -H "$a" "$u" 2>&1 | tr -d "\\r")',
-        'if printf "%s\\n" "$h" | grep -qi "^www-authenticate: *bearer"; then',
-        '  w=$(printf "%s\\n" "$h" | sed -n "s/^[Ww][Ww][Ww]-[Aa]uthenticate: *[Bb]earer *//p")',
-        "  realm=$(printf '%s' \"$w\" | sed -n 's/.*realm=\"\\([^\"]*\\)\".*/\\1/p')",
-        "  svc=$(printf '%s' \"$w\" | sed -n 's/.*service=\"\\([^\"]*\\)\".*/\\1/p')",
-        "  scope=$(printf '%s' \"$w\" | sed -n 's/.*scope=\"\\([^\"]*\\)\".*/\\1/p')",
-        '  t=$(curl -s --max-time 10 -G "$realm" --data-urlencode "service=$svc" '
-        '--data-urlencode "scope=$scope" | '
-        'sed -n \'s/.*"\\(access_\\)\\{0,1\\}token": *"\\([^"]*\\)".*/\\2/p\')',
-        '  [ -n "$t" ] && h=$(curl -sSI --max-time 10 -H "$a" -H "Authorization: Bearer $t" '
-        '"$u" 2>&1 | tr -d "\\r")',
-        "fi",
-        'd=$(printf "%s\\n" "$h" | sed -n "s/^[Dd]ocker-[Cc]ontent-[Dd]igest: *//p" | head -n 1)',
-        'code=$(printf "%s\\n" "$h" | sed -n "1s/^HTTP[^ ]* \\([0-9]*\\).*/\\1/p")',
-        f"echo \"@@remote {ref} ${{d:-?HTTP ${{code:-no answer}}}}\"",
-    ])
-
-
-_IMAGE_FORMAT = "@@image {{.Id}} {{range .RepoDigests}}{{.}} {{end}}"
+    return f"{scheme}://{registry}/v2/{repo}/manifests/{tag}"
 
 
 def facts_script(settings: Settings, refs: list[str]) -> str:
-    """Containers, their images' digests and the registry's digests, all in parallel."""
-    lines = [
-        'T=$(mktemp -d); trap \'rm -rf "$T"\' EXIT',
-        "echo '== containers'",
-        f"{inspect_containers_cmd(settings)} | tee \"$T/c\"",
-        "for i in $(cut -d'|' -f5 \"$T/c\" | sort -u); do",
-        f"  docker image inspect --format {shlex.quote(_IMAGE_FORMAT)} \"$i\" 2>/dev/null",
-        "done",
-    ]
-    for i, ref in enumerate(sorted(set(refs))):
-        lines.append("( " + registry_digest_cmd(ref) + f" ) > \"$T/r{i}\" &")
-    lines += ["wait", "cat \"$T\"/r* 2>/dev/null", "true"]
-    return "\n".join(lines)
+    """``facts.sh``: containers, their images' digests and the registry's digests,
+    all in parallel (``@@image`` / ``@@remote`` lines)."""
+    targets = "\n".join(f"{ref} {registry_manifest_url(ref)}" for ref in sorted(set(refs)))
+    return FACTS.command(settings.compose_project, INSPECT, ACCEPT, targets)
 
 
 @dataclass
@@ -221,8 +184,7 @@ def show_plan(host: Host, settings: Settings) -> list[Row]:
                    if compose_path in known else "")
     new_compose = files[compose_path].decode()
     refs = [settings.image(s) for s in SERVICES]
-    r = host.check(f"bash -c {shlex.quote(facts_script(settings, refs))}", sudo=True,
-                   timeout=120)
+    r = host.check(facts_script(settings, refs), sudo=True, timeout=120)
     rows = plan_rows(settings, r.stdout, old_compose, new_compose,
                      relative(settings, changed))
     work = [x for x in rows if x.action != "nothing"]
