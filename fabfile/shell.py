@@ -6,7 +6,7 @@ edits its text: it passes the values as positional arguments or environment,
 and builds only the one command line that starts it::
 
     from ..shell import script
-    PG_BACKUP = script(__file__, "pg_backup.sh")        # read once, at import
+    PG_BACKUP = script(__file__, "pg-backup.sh")        # read once, at import
     host.run(PG_BACKUP.command(backup_dir, compression), sudo=True)
 
 Output comes back framed in sections (``== NAME [first line]``, see

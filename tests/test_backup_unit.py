@@ -46,7 +46,7 @@ from fabfile.lock import holder_script
 
 NOW = datetime(2026, 11, 25, 3, 0, tzinfo=UTC)
 SCRIPTS = Path(fabfile.backup.__file__).parent
-RDB_INSTALL_TEXT = (SCRIPTS / "rdb_install.sh").read_text()
+RDB_INSTALL_TEXT = (SCRIPTS / "rdb-install.sh").read_text()
 
 
 def settings(**backup):

@@ -93,7 +93,7 @@ read_back() {
 }
 
 # redis_verify ARCHIVE CHECK_SH: decompress it into redis-check-rdb (in the redis
-# container, CHECK_SH = redis_check.sh) and print its keys, expires and RDB version.
+# container, CHECK_SH = redis-check.sh) and print its keys, expires and RDB version.
 redis_verify() {
   local archive=$1 check_sh=$2
   decompressor "$archive"

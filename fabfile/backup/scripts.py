@@ -1,12 +1,12 @@
 """The command lines that run the backup and restore scripts (pure builders, no I/O).
 
 The scripts are the ``*.sh`` files beside this module. Those that run on the
-server (``pg_backup.sh``, ``redis_backup.sh``, ``check_archive.sh``,
-``restore_into.sh``, ``rdb_install.sh``) start with ``common.sh`` (strict mode,
+server (``pg-backup.sh``, ``redis-backup.sh``, ``check-archive.sh``,
+``restore-into.sh``, ``rdb-install.sh``) start with ``common.sh`` (strict mode,
 ``fail``, the compressor choice, the checks they share) and take their values
 as positional arguments, then ``--`` and the stack's ``docker compose``
-command. Those that run inside a container (``pg_dump.sh``, ``psql.sh``,
-``redis_*.sh``) are POSIX ``sh`` and are passed as arguments to the former, or
+command. Those that run inside a container (``pg-dump.sh``, ``psql.sh``,
+``redis-*.sh``) are POSIX ``sh`` and are passed as arguments to the former, or
 run by ``docker compose exec/run ... sh -c``. Nothing here edits script text.
 
 The data goes from the container straight into a file in the backup directory,
@@ -97,22 +97,22 @@ def _on_server(name: str) -> Script:
     return Script(name, COMMON.text + script(__file__, name).text)
 
 
-PG_BACKUP = _on_server("pg_backup.sh")
-REDIS_BACKUP = _on_server("redis_backup.sh")
-CHECK_ARCHIVE = _on_server("check_archive.sh")
-RESTORE_INTO = _on_server("restore_into.sh")
-RDB_INSTALL = _on_server("rdb_install.sh")
+PG_BACKUP = _on_server("pg-backup.sh")
+REDIS_BACKUP = _on_server("redis-backup.sh")
+CHECK_ARCHIVE = _on_server("check-archive.sh")
+RESTORE_INTO = _on_server("restore-into.sh")
+RDB_INSTALL = _on_server("rdb-install.sh")
 
 LISTING = script(__file__, "listing.sh")
 
 # Inside the containers (POSIX sh).
-PG_DUMP = script(__file__, "pg_dump.sh")
+PG_DUMP = script(__file__, "pg-dump.sh")
 PSQL = script(__file__, "psql.sh")
-REDIS_SAVE = script(__file__, "redis_save.sh")
-REDIS_CHECK = script(__file__, "redis_check.sh")
-REDIS_WAIT = script(__file__, "redis_wait.sh")
-REDIS_INSTALL = script(__file__, "redis_install.sh")
-REDIS_ROLLBACK = script(__file__, "redis_rollback.sh")
+REDIS_SAVE = script(__file__, "redis-save.sh")
+REDIS_CHECK = script(__file__, "redis-check.sh")
+REDIS_WAIT = script(__file__, "redis-wait.sh")
+REDIS_INSTALL = script(__file__, "redis-install.sh")
+REDIS_ROLLBACK = script(__file__, "redis-rollback.sh")
 
 
 def kind_dir(settings: Settings, kind: str) -> str:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Dump, compress, fsync, verify and rename one Postgres backup; print its facts
 # (key=value and count<TAB>rows<TAB>table lines). Runs after common.sh.
-#   pg_backup.sh DIR COMPRESSION LABEL PG_DUMP_SH -- DOCKER_COMPOSE...
+#   pg-backup.sh DIR COMPRESSION LABEL PG_DUMP_SH -- DOCKER_COMPOSE...
 # The data goes from the container straight into $DIR under a temporary name
 # (.NAME.dump.gz.partial), is read back whole, and only then renamed into place.
 # shellcheck disable=SC2154  # DC, Z, ZEXT, ZTOOL, D, name: set by common.sh
@@ -30,7 +30,7 @@ new_name postgres "$label"
 data=$dir/$name.dump.$ZEXT; tmp=$dir/.$name.dump.$ZEXT.partial
 gdata=$dir/$name.globals.sql.$ZEXT; gtmp=$dir/.$name.globals.sql.$ZEXT.partial
 
-# The dump: the in-container steps report on stderr (see pg_dump.sh).
+# The dump: the in-container steps report on stderr (see pg-dump.sh).
 set +e
 "${DC[@]}" exec -T postgres sh -c "$pg_dump_sh" sh </dev/null 2> "$work/dump.err" |
   "${Z[@]}" > "$tmp"

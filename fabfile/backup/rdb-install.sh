@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Decompress ARCHIVE into redis_install.sh (INSTALL_SH), run in a one-off
+# Decompress ARCHIVE into redis-install.sh (INSTALL_SH), run in a one-off
 # container of the redis service with its volume mounted (redis stopped).
 # Runs after common.sh.
-#   rdb_install.sh ARCHIVE INSTALL_SH DIR ASIDE DBFILE AOF AOFDIR -- DOCKER_COMPOSE...
+#   rdb-install.sh ARCHIVE INSTALL_SH DIR ASIDE DBFILE AOF AOFDIR -- DOCKER_COMPOSE...
 # shellcheck disable=SC2154  # DC, D: set by common.sh
 archive=$1; install_sh=$2; shift 2
 decompressor "$archive"

@@ -2,7 +2,7 @@
 # Create DATABASE and restore ARCHIVE into it in one transaction (dropped again
 # on any failure; nothing else is touched), then print the row count of every
 # table (count<TAB>rows<TAB>table). Runs after common.sh.
-#   restore_into.sh ARCHIVE DATABASE PSQL_SH COUNT_ROWS_SQL -- DOCKER_COMPOSE...
+#   restore-into.sh ARCHIVE DATABASE PSQL_SH COUNT_ROWS_SQL -- DOCKER_COMPOSE...
 # shellcheck disable=SC2154  # DC, D: set by common.sh
 archive=$1; db=$2; psql_sh=$3; count_sql=$4
 # psql DATABASE [-v name=value]... < SQL, in the postgres container (psql.sh).

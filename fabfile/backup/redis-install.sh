@@ -3,7 +3,7 @@
 # decompressed RDB on stdin: move the current files aside into ASIDE and install
 # the RDB both as DBFILE and, when AOF is on, as the base of a fresh multi-part
 # AOF (Redis 7 loads the AOF, not the RDB, when appendonly is yes).
-#   redis_install.sh DIR ASIDE DBFILE AOF(yes|no) AOFDIR
+#   redis-install.sh DIR ASIDE DBFILE AOF(yes|no) AOFDIR
 set -eu
 dir="$1"; aside="$2"; dbfile="$3"; aof="$4"; aofdir="$5"
 cd "$dir"

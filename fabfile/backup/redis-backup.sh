@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # BGSAVE, copy the RDB out, compress, fsync, check, rename one Redis backup;
 # print its facts (key=value lines). Runs after common.sh.
-#   redis_backup.sh DIR COMPRESSION LABEL TIMEOUT SAVE_SH CHECK_SH -- DOCKER_COMPOSE...
+#   redis-backup.sh DIR COMPRESSION LABEL TIMEOUT SAVE_SH CHECK_SH -- DOCKER_COMPOSE...
 # shellcheck disable=SC2154  # DC, Z, ZEXT, ZTOOL, name: set by common.sh
 dir=$1; compression=$2; label=$3; timeout=$4; save_sh=$5; check_sh=$6
 

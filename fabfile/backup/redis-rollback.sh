@@ -1,7 +1,7 @@
 #!/bin/sh
 # Inside a one-off container of the redis service: put back what
-# redis_install.sh moved aside (when redis does not come back right).
-#   redis_rollback.sh DIR ASIDE DBFILE AOFDIR
+# redis-install.sh moved aside (when redis does not come back right).
+#   redis-rollback.sh DIR ASIDE DBFILE AOFDIR
 set -eu
 dir="$1"; aside="$2"; dbfile="$3"; aofdir="$4"
 cd "$dir"

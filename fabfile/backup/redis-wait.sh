@@ -1,7 +1,7 @@
 #!/bin/sh
 # Inside the redis container: wait until redis answers and has loaded its data
 # (at most TIMEOUT_SECONDS), then print its key count.
-#   redis_wait.sh TIMEOUT_SECONDS
+#   redis-wait.sh TIMEOUT_SECONDS
 REDISCLI_AUTH="$REDIS_PASSWORD"; export REDISCLI_AUTH
 timeout="$1"; start=$(date +%s)
 while :; do

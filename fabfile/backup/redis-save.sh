@@ -1,7 +1,7 @@
 #!/bin/sh
 # Inside the redis container: BGSAVE and wait until LASTSAVE moves past the
 # value it had before (and no save is running), then print where the RDB is.
-#   redis_save.sh TIMEOUT_SECONDS
+#   redis-save.sh TIMEOUT_SECONDS
 # The password comes from the container's environment, never argv.
 REDISCLI_AUTH="$REDIS_PASSWORD"; export REDISCLI_AUTH
 timeout="$1"
