@@ -25,7 +25,7 @@ if [ "$(id -u)" = 0 ]; then
     chmod 3777 /var/run/postgresql
     find "$PGDATA" \! -user postgres -exec chown postgres:postgres '{}' +
     chown postgres:postgres /var/run/postgresql
-    exec setpriv --reuid=postgres --regid=postgres --init-groups "$BASH_SOURCE" "$@"
+    exec setpriv --reuid=postgres --regid=postgres --init-groups "${BASH_SOURCE[0]}" "$@"
 fi
 
 if [ ! -s "$PGDATA/PG_VERSION" ]; then
@@ -50,6 +50,7 @@ if [ ! -s "$PGDATA/PG_VERSION" ]; then
         fi
     fi
     for f in /docker-entrypoint-initdb.d/*; do
+        # shellcheck source=/dev/null
         case "$f" in
             *.sh) echo "running $f"; . "$f" ;;
             *.sql) echo "running $f"; "${psql[@]}" --dbname "$POSTGRES_DB" -f "$f" ;;
